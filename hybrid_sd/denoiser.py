@@ -1,0 +1,185 @@
+"""One side of the split (cloud or edge): a diffusers pipeline's UNet, text encoders and VAE."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import cached_property
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from hybrid_sd import sampler_state
+from hybrid_sd.conditioning import Conditioning, encode_conditioning, text_encoder_fingerprint
+from hybrid_sd.denoise import Guidance, StepCallback, denoise
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.schedulers import make_scheduler, scheduler_from_config, uses_generator
+from hybrid_sd.state import HybridState
+
+logger = logging.getLogger(__name__)
+
+# AutoencoderKL scaling factors of the public latent spaces.
+LATENT_SPACE_BY_SCALING = {0.18215: "sd1", 0.13025: "sdxl"}
+
+
+def unet_latent_space(pipe: DiffusionPipeline) -> str:
+    """``sdxl`` for UNets conditioned on SDXL's pooled text and time ids, else ``sd1``."""
+    return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd1"
+
+
+def vae_latent_space(vae: torch.nn.Module) -> str | None:
+    """The latent space an AutoencoderKL's scaling factor identifies; None where it cannot tell
+    (an AutoencoderTiny's config is the same for SD 1.x and SDXL)."""
+    if not isinstance(vae, AutoencoderKL):
+        return None
+    scaling = vae.config.scaling_factor
+    return LATENT_SPACE_BY_SCALING.get(scaling, f"custom-{scaling}")
+
+
+class Denoiser:
+    """Begins runs, advances them over a range of steps, and decodes them, for one model.
+
+    ``name`` is the model's path or hub ID, used in error messages.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, name: str):
+        self.pipe = pipe
+        self.name = name
+        self.latent_space = unet_latent_space(pipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.pipe.vae.config.scaling_factor)
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.vae_scale_factor
+
+    @cached_property
+    def text_encoder_id(self) -> str:
+        return text_encoder_fingerprint(self.pipe)
+
+    def check_size(self, request: GenerationRequest) -> None:
+        for field in ("width", "height"):
+            value = getattr(request, field)
+            if value % self.vae_scale_factor:
+                raise ValueError(
+                    f"{field} must be a multiple of {self.vae_scale_factor} (the VAE factor of {self.name}),"
+                    f" got {value}"
+                )
+
+    def begin(self, request: GenerationRequest) -> HybridState:
+        """Encode the prompt, set the schedule and draw the initial noise: the state before step 0.
+
+        ``request`` must be resolved (seed, size and scheduler set).
+        """
+        scheduler = make_scheduler(request.scheduler, dict(self.pipe.scheduler.config))
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        if isinstance(self.pipe, StableDiffusionXLPipeline):
+            # StableDiffusionXLPipeline does this before its loop (StableDiffusionPipeline does not).
+            scheduler.set_begin_index(0)
+        conditioning = encode_conditioning(
+            self.pipe, request, self.text_encoder_id, request.height, request.width
+        )
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        shape = (
+            1,
+            self.pipe.unet.config.in_channels,
+            request.height // self.vae_scale_factor,
+            request.width // self.vae_scale_factor,
+        )
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=conditioning.prompt_embeds.dtype)
+        return HybridState(
+            request=request,
+            latent_space=self.latent_space,
+            vae_scaling_factor=self.vae_scaling_factor,
+            scheduler_config=dict(scheduler.config),
+            timesteps=scheduler.timesteps.cpu(),
+            step_index=0,
+            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),
+            generator_state=generator.get_state() if uses_generator(scheduler) else None,
+            latents=noise * scheduler.init_noise_sigma,
+            conditioning=conditioning,
+        )
+
+    def denoise(self, state: HybridState, end: int, callback: StepCallback | None = None) -> HybridState:
+        """Run loop iterations ``[state.step_index, end)`` with this model; return the new state."""
+        if state.latent_space != self.latent_space:
+            raise ValueError(
+                f"handoff is in the {state.latent_space!r} latent space but {self.name} denoises in"
+                f" {self.latent_space!r}"
+            )
+        if not state.step_index <= end <= state.loop_length:
+            raise ValueError(f"end must be in [{state.step_index}, {state.loop_length}], got {end}")
+        request = state.request
+        scheduler = scheduler_from_config(state.scheduler_config)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        if not torch.equal(scheduler.timesteps.cpu(), state.timesteps):
+            raise ValueError(
+                f"{self.name} computes other timesteps for {type(scheduler).__name__} than the handoff"
+                " carries (different diffusers versions?)"
+            )
+        sampler_state.restore(scheduler, state.sampler_state, self.device)
+        generator = torch.Generator("cpu")
+        if state.generator_state is not None:
+            generator.set_state(state.generator_state)
+        conditioning = self._conditioning_for(state)
+        latents = denoise(
+            self.pipe.unet,
+            scheduler,
+            state.latents.to(self.device),
+            conditioning,
+            self._guidance(request, state.latents.dtype),
+            generator,
+            state.step_index,
+            end,
+            callback,
+        )
+        return dataclasses.replace(
+            state,
+            step_index=end,
+            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),
+            generator_state=generator.get_state() if uses_generator(scheduler) else None,
+            latents=latents,
+            conditioning=conditioning,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to an image tensor in [-1, 1], as the end of ``StableDiffusionXLPipeline.__call__``
+        (which for a VAE without ``latents_mean`` is also ``StableDiffusionPipeline``'s)."""
+        vae = self.pipe.vae
+        config = vae.config
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]
+
+    def _conditioning_for(self, state: HybridState) -> Conditioning:
+        """The handoff's embeddings where they come from the same text encoders, else our own."""
+        if state.conditioning.text_encoder_id == self.text_encoder_id:
+            return state.conditioning.to(self.device)
+        logger.info("%s has its own text encoders: encoding the prompt again", self.name)
+        request = state.request
+        return encode_conditioning(self.pipe, request, self.text_encoder_id, request.height, request.width)
+
+    def _guidance(self, request: GenerationRequest, dtype: torch.dtype) -> Guidance:
+        embedding_dim = self.pipe.unet.config.time_cond_proj_dim
+        if embedding_dim is None:
+            return Guidance(request.guidance_scale, request.guidance_rescale)
+        scale = torch.tensor(request.guidance_scale - 1).repeat(1)
+        embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=embedding_dim)
+        return Guidance(request.guidance_scale, request.guidance_rescale, embedding.to(self.device, dtype))

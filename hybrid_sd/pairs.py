@@ -1,0 +1,205 @@
+"""Model pairs: a large cloud model and a small edge model (UNet, optional own text encoders,
+VAE or tiny decoder) sharing one latent space; presets, loading and compatibility checks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
+
+from hybrid_sd.denoiser import Denoiser, vae_latent_space
+from hybrid_sd.tiny_models import save_tiny_pair
+
+logger = logging.getLogger(__name__)
+
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Where the two models of a pair come from: local diffusers folders or hub IDs.
+
+    ``edge`` is a whole pipeline or a UNet alone (then it runs on the cloud model's text encoders
+    and VAE). ``edge_vae`` replaces the edge's VAE, typically by a tiny decoder; an
+    AutoencoderTiny's config does not say which latent space it decodes, so the spec states it.
+    ``edge_shares_text_encoder`` loads the edge pipeline on the cloud's text encoders.
+    """
+
+    cloud: str
+    edge: str
+    edge_vae: str | None = None
+    edge_vae_latent_space: str | None = None
+    edge_shares_text_encoder: bool = False
+    description: str = ""
+
+
+PRESETS: dict[str, PairSpec] = {
+    "sd14-hybrid-224m": PairSpec(
+        "CompVis/stable-diffusion-v1-4",
+        "cqyan/hybrid-sd-224m",
+        "cqyan/hybrid-sd-tinyvae",
+        "sd1",
+        True,
+        "SD 1.4 with the Hybrid-SD 224M pruned UNet and its tiny VAE (arXiv 2408.06646)",
+    ),
+    "sd15-bk-sdm-small": PairSpec(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "nota-ai/bk-sdm-small",
+        "madebyollin/taesd",
+        "sd1",
+        True,
+        "SD 1.5 with BK-SDM-Small (0.49B UNet) and TAESD",
+    ),
+    "sd15-bk-sdm-tiny": PairSpec(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "nota-ai/bk-sdm-tiny",
+        "madebyollin/taesd",
+        "sd1",
+        True,
+        "SD 1.5 with BK-SDM-Tiny (0.33B UNet) and TAESD",
+    ),
+    "sdxl-koala-700m": PairSpec(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "etri-vilab/koala-700m",
+        "madebyollin/taesdxl",
+        "sdxl",
+        True,
+        "SDXL base with KOALA-700M and TAESDXL",
+    ),
+    "sdxl-ssd-1b": PairSpec(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "segmind/SSD-1B",
+        "madebyollin/taesdxl",
+        "sdxl",
+        True,
+        "SDXL base with Segmind SSD-1B and TAESDXL",
+    ),
+    "sdxl-vega": PairSpec(
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "segmind/Segmind-Vega",
+        "madebyollin/taesdxl",
+        "sdxl",
+        True,
+        "SDXL base with Segmind Vega and TAESDXL",
+    ),
+}
+# Random-weight pairs built from config on first use (see hybrid_sd.tiny_models).
+TINY_PRESETS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
+DEFAULT_PAIR = "tiny-sd1"
+PAIR_NAMES = (*TINY_PRESETS, *PRESETS)
+
+
+@dataclass
+class ModelPair:
+    cloud: Denoiser
+    edge: Denoiser
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HYBRID_SD_HOME", Path.home() / ".cache" / "hybrid-sd"))
+
+
+def preset(name: str) -> PairSpec:
+    """The spec of a named pair; tiny pairs are built into :func:`cache_dir` the first time."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if name not in TINY_PRESETS:
+        raise ValueError(f"pair must be one of {', '.join(PAIR_NAMES)}, got {name!r}")
+    root = cache_dir() / name
+    if not (root / "edge-vae" / "config.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{name}-"))
+        save_tiny_pair(TINY_PRESETS[name], staging)
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)  # atomic: a concurrent or interrupted build never leaves half a pair
+    return PairSpec(
+        str(root / "cloud"),
+        str(root / "edge"),
+        str(root / "edge-vae"),
+        TINY_PRESETS[name],
+        description=f"random-weight {TINY_PRESETS[name]}-architecture pair built from config",
+    )
+
+
+def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelPair:
+    """Load both models and check that they can hand over to each other."""
+    cloud_pipe = load_pipeline(spec.cloud, dtype)
+    shared = {name: getattr(cloud_pipe, name) for name in TEXT_COMPONENTS if hasattr(cloud_pipe, name)}
+    if _is_pipeline(spec.edge):
+        edge_pipe = load_pipeline(spec.edge, dtype, **(shared if spec.edge_shares_text_encoder else {}))
+    else:
+        edge_pipe = type(cloud_pipe).from_pipe(cloud_pipe, unet=_load_unet(spec.edge, dtype))
+    if spec.edge_vae is not None:
+        # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
+        # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
+        edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, torch_dtype=dtype)
+    pair = ModelPair(Denoiser(cloud_pipe.to(device), spec.cloud), Denoiser(edge_pipe.to(device), spec.edge))
+    for pipe in (cloud_pipe, edge_pipe):
+        if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)  # as diffusers' SDXL pipeline does: the VAE overflows in fp16
+    check_pair(pair, spec.edge_vae_latent_space)
+    return pair
+
+
+def load_pipeline(path: str, dtype: torch.dtype, **components) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained``, without the safety checker (not part of serving)."""
+    model_index = DiffusionPipeline.load_config(path)
+    if "safety_checker" in model_index:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **components)
+
+
+def _is_pipeline(path: str) -> bool:
+    local = Path(path)
+    if local.exists():
+        return (local / "model_index.json").is_file()
+    try:
+        DiffusionPipeline.load_config(path)
+    except OSError:
+        return False
+    return True
+
+
+def _load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
+    subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+
+
+def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> None:
+    """Raise ``ValueError`` naming both models if the edge cannot continue the cloud's latents."""
+    cloud, edge = pair.cloud, pair.edge
+    models = f"cloud model {cloud.name!r} and edge model {edge.name!r}"
+    cloud_vae_space = vae_latent_space(cloud.pipe.vae)
+    if cloud_vae_space not in (None, cloud.latent_space):
+        raise ValueError(
+            f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE"
+        )
+    if edge.latent_space != cloud.latent_space:
+        raise ValueError(
+            f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})"
+        )
+    edge_vae_space = vae_latent_space(edge.pipe.vae) or edge_vae_latent_space
+    if edge_vae_space is None:
+        logger.warning("cannot tell the latent space of %s's decoder; assuming %s", edge.name, edge.latent_space)
+    elif edge_vae_space != cloud.latent_space:
+        raise ValueError(
+            f"{models}: the edge decoder is for the {edge_vae_space} latent space, the cloud"
+            f" denoises in {cloud.latent_space}"
+        )
+    for key in ("in_channels", "out_channels", "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+        cloud_value, edge_value = cloud.pipe.unet.config.get(key), edge.pipe.unet.config.get(key)
+        if cloud_value != edge_value:
+            raise ValueError(f"{models} have different UNet {key} ({cloud_value} and {edge_value})")
+    if cloud.text_encoder_id == edge.text_encoder_id:
+        cloud_dim = cloud.pipe.unet.config.cross_attention_dim
+        edge_dim = edge.pipe.unet.config.cross_attention_dim
+        if cloud_dim != edge_dim:
+            raise ValueError(
+                f"{models} share text encoders but have different cross_attention_dim ({cloud_dim} and {edge_dim})"
+            )

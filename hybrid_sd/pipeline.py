@@ -1,0 +1,110 @@
+"""In-process hybrid generation: the cloud model's steps, the handoff, the edge model's steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from hybrid_sd.denoise import StepCallback
+from hybrid_sd.pairs import DEFAULT_PAIR, ModelPair, PairSpec, load_pair, preset
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.schedulers import loop_index, resolve_scheduler
+from hybrid_sd.state import HybridState
+
+
+@dataclass
+class GenerationResult:
+    image: PIL.Image.Image
+    latents: torch.Tensor
+    request: GenerationRequest  # resolved: the seed, size and scheduler actually used
+    unet_evaluations: dict[str, int]  # {"cloud": n, "edge": m}
+    handoff_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def summary(self) -> dict:
+        """What ``hybrid-sd generate --json`` prints."""
+        return {
+            "seed": self.request.seed,
+            "switch_step": self.request.switch_step,
+            "num_inference_steps": self.request.num_inference_steps,
+            "scheduler": self.request.scheduler,
+            "width": self.request.width,
+            "height": self.request.height,
+            "unet_evaluations": self.unet_evaluations,
+            "handoff_bytes": self.handoff_bytes,
+            "timings_s": {stage: round(seconds, 6) for stage, seconds in self.timings.items()},
+        }
+
+
+class HybridPipeline:
+    """A cloud and an edge :class:`~hybrid_sd.denoiser.Denoiser` in one process, handing over
+    through the same bytes a remote handoff uses."""
+
+    def __init__(self, pair: ModelPair):
+        self.cloud = pair.cloud
+        self.edge = pair.edge
+
+    @classmethod
+    def from_pair(
+        cls, pair: str | PairSpec = DEFAULT_PAIR, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> HybridPipeline:
+        spec = preset(pair) if isinstance(pair, str) else pair
+        return cls(load_pair(spec, device, dtype))
+
+    def check_inputs(self, request: GenerationRequest) -> GenerationRequest:
+        """Validate everything up front and resolve seed, size and scheduler against the cloud model."""
+        request.check()
+        resolve_scheduler(request.scheduler, self.cloud.pipe.scheduler.config["_class_name"])
+        request = dataclasses.replace(
+            request.with_seed(),
+            width=request.width or self.cloud.default_size,
+            height=request.height or self.cloud.default_size,
+            scheduler=request.scheduler or self.cloud.pipe.scheduler.config["_class_name"],
+        )
+        self.cloud.check_size(request)
+        self.edge.check_size(request)
+        return request
+
+    def __call__(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        request = self.check_inputs(request)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        # switch_step = 0: edge only, the cloud is not touched.
+        first = self.cloud if request.switch_step > 0 else self.edge
+        state = first.begin(request)
+        lap("encode_prompt")
+        switch = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
+        handoff_bytes = 0
+        if request.switch_step > 0:
+            state = self.cloud.denoise(state, switch, callback)
+            lap("cloud_denoise")
+            payload = state.to_bytes()
+            handoff_bytes = len(payload)
+            state = HybridState.from_bytes(payload)
+            lap("handoff")
+        state = self.edge.denoise(state, state.loop_length, callback)
+        lap("edge_denoise")
+        image = self.edge.decode(state.latents)
+        pil_image = VaeImageProcessor().postprocess(image, output_type="pil")[0]
+        lap("decode")
+        timings["total"] = sum(timings.values())
+        return GenerationResult(
+            image=pil_image,
+            latents=state.latents,
+            request=request,
+            unet_evaluations={"cloud": switch, "edge": state.loop_length - switch},
+            handoff_bytes=handoff_bytes,
+            timings=timings,
+        )

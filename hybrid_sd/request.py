@@ -1,0 +1,84 @@
+"""The parameters of one text-to-image request, validated once, up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass
+
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: ``switch_step`` denoising steps on the cloud model, the rest on the edge model.
+
+    ``seed=None`` draws a random seed (see :meth:`with_seed`); ``width``/``height=None`` take the
+    model's native size; ``scheduler=None`` keeps the cloud model's own scheduler class.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    switch_step: int = 10
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad field; size and scheduler are checked later,
+        against the loaded models."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(
+                f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
+            )
+        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        _check_int("switch_step", self.switch_step, 0, self.num_inference_steps)
+        _check_finite("guidance_scale", self.guidance_scale, 0.0)
+        _check_finite("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 1, 16384)
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
+            raise ValueError(f"scheduler must be a non-empty string or None, got {self.scheduler!r}")
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a concrete seed: its own, or a fresh random one."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> GenerationRequest:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown request field(s): {', '.join(unknown)}")
+        return cls(**fields)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_finite(name: str, value: object, low: float, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

@@ -1,0 +1,117 @@
+"""Capture and restore a diffusers scheduler's mutable state, and flatten it for the wire.
+
+A scheduler's state after ``set_timesteps(N)`` is a pure function of its config and N, so only the
+attributes that stepping changed need to travel: multistep history (``model_outputs``,
+``lower_order_nums``, UniPC's ``timestep_list`` and ``last_sample``, PLMS's ``ets`` and
+``counter``), the step index, and so on. The receiver rebuilds the scheduler from the config, calls
+``set_timesteps(N)`` and applies the difference. Doing it by difference rather than per class means
+a new diffusers attribute is carried without code here; a value of a type that cannot be written
+exactly (say a torchsde Brownian tree) is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import SchedulerMixin
+
+# The frozen config travels as JSON on its own.
+_NOT_STATE = frozenset({"_internal_dict"})
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and np.array_equal(a, b)
+        )
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+def capture(scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
+    """The attributes of ``scheduler`` that differ from a fresh one after ``set_timesteps``."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(num_inference_steps, device=scheduler.timesteps.device)
+    fresh_state = vars(fresh)
+    missing = object()
+    return {
+        name: value
+        for name, value in vars(scheduler).items()
+        if name not in _NOT_STATE and not _same(value, fresh_state.get(name, missing))
+    }
+
+
+def restore(scheduler: SchedulerMixin, state: dict[str, Any], device: torch.device | str) -> None:
+    """Apply captured state to a scheduler on which ``set_timesteps`` was just called."""
+    for name, value in state.items():
+        setattr(scheduler, name, _to_device(copy.copy(value), device))
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def flatten(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Split state into a JSON-able description and named tensors (for safetensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"tensor": key}
+        if isinstance(value, np.ndarray):
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
+            return {"ndarray": key}
+        if isinstance(value, list | tuple):
+            kind = "list" if isinstance(value, list) else "tuple"
+            return {kind: [encode(item, f"{key}.{i}") for i, item in enumerate(value)]}
+        if isinstance(value, np.generic):
+            return {"numpy_scalar": value.item(), "dtype": str(value.dtype)}
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise ValueError(
+            f"scheduler state {key!r} holds a {type(value).__name__}, which cannot be handed over exactly"
+        )
+
+    described = {name: encode(value, f"{prefix}{name}") for name, value in state.items()}
+    return described, tensors
+
+
+def unflatten(described: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+
+    def decode(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "ndarray" in value:
+            return tensors[value["ndarray"]].numpy()
+        if "list" in value:
+            return [decode(item) for item in value["list"]]
+        if "tuple" in value:
+            return tuple(decode(item) for item in value["tuple"])
+        if "numpy_scalar" in value:
+            return np.dtype(value["dtype"]).type(value["numpy_scalar"])
+        raise ValueError(f"malformed scheduler state entry {value!r}")
+
+    return {name: decode(value) for name, value in described.items()}

@@ -1,0 +1,97 @@
+"""Scheduler names, aliases and the set whose state the engine hands over exactly."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin
+
+# alias -> (diffusers class name, config overrides). "dpm++sde" names the stochastic DPM-Solver++
+# variant: the multistep SDE solver, whose noise comes from the request's generator.
+SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+# Classes whose whole state is plain tensors and numbers, verified bit-exact across a handoff by
+# tests/test_exact_split.py. Anything else is refused rather than run approximately.
+EXACT_HANDOFF_SCHEDULERS = frozenset(name for name, _ in SCHEDULER_ALIASES.values())
+
+# Why some well-known schedulers are refused, for the error message.
+REFUSAL_REASONS = {
+    "DPMSolverSDEScheduler": "its noise comes from a torchsde Brownian tree whose state cannot be "
+    "carried over the wire; use 'dpm++2m-sde'",
+    "HeunDiscreteScheduler": "a second-order step spans two UNet evaluations, so a switch can fall "
+    "inside one step",
+    "KDPM2DiscreteScheduler": "a second-order step spans two UNet evaluations",
+    "KDPM2AncestralDiscreteScheduler": "a second-order step spans two UNet evaluations",
+    "LMSDiscreteScheduler": "its coefficients need scipy and have not been verified for handoff",
+}
+
+
+def resolve_scheduler(name: str | None, default_class: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
+    """Map a request's scheduler name (alias, class name, or None for the model's own) to a class
+    and config overrides; raise ``ValueError`` naming the field for unknown or refused ones."""
+    class_name, overrides = SCHEDULER_ALIASES.get(name, (name or default_class, {}))
+    if class_name not in EXACT_HANDOFF_SCHEDULERS:
+        supported = ", ".join(sorted(SCHEDULER_ALIASES) + sorted(EXACT_HANDOFF_SCHEDULERS))
+        reason = REFUSAL_REASONS.get(class_name)
+        if reason is None and not isinstance(getattr(diffusers, class_name, None), type):
+            raise ValueError(f"scheduler {class_name!r} is unknown; supported: {supported}")
+        raise ValueError(
+            f"scheduler {class_name!r} cannot be handed over exactly"
+            f" ({reason or 'not verified for an exact handoff'}); supported: {supported}"
+        )
+    return getattr(diffusers, class_name), overrides
+
+
+def make_scheduler(name: str | None, base_config: dict[str, Any]) -> SchedulerMixin:
+    """A scheduler of the requested kind on the model's own noise schedule, as
+    ``Cls.from_config(pipe.scheduler.config)`` does in diffusers' docs."""
+    scheduler_class, overrides = resolve_scheduler(name, base_config["_class_name"])
+    return scheduler_class.from_config({**base_config, **overrides})
+
+
+def scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
+    """Rebuild a scheduler from its full config (as carried in a handoff)."""
+    scheduler_class, _ = resolve_scheduler(config.get("_class_name"), "")
+    return scheduler_class.from_config(config)
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[str, Any]:
+    """Extra ``step`` arguments, passed only where the signature takes them, as
+    ``StableDiffusionPipeline.prepare_extra_step_kwargs`` does (with ``eta=0``)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def uses_generator(scheduler: SchedulerMixin) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def loop_index(switch_step: int, num_inference_steps: int, loop_length: int) -> int:
+    """Loop iteration at which denoising step ``switch_step`` begins.
+
+    Most schedules have one UNet evaluation per step; PLMS (``PNDMScheduler``) has one warm-up
+    evaluation more at the start, so step k >= 1 ends after k + 1 evaluations.
+    """
+    if switch_step == 0:
+        return 0
+    return switch_step + (loop_length - num_inference_steps)
