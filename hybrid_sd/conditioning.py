@@ -93,9 +93,7 @@ def encode_conditioning(
     guidance = request.guidance_scale > 1
     with torch.no_grad():
         if not isinstance(pipe, StableDiffusionXLPipeline):
-            positive, negative = pipe.encode_prompt(
-                request.prompt, device, 1, guidance, request.negative_prompt
-            )
+            positive, negative = pipe.encode_prompt(request.prompt, device, 1, guidance, request.negative_prompt)
             return Conditioning(text_encoder_id, positive, negative if guidance else None)
         positive, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=request.prompt,

@@ -17,8 +17,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from hybrid_sd.conditioning import Conditioning
 from hybrid_sd.schedulers import step_kwargs
 
-# Called after every step with {"step": i, "timestep": t, "latents": x}; it observes only, and may
-# raise to stop the run (cancellation, deadlines).
+# Called after every loop iteration with {"step": i, "total": iterations in the schedule,
+# "timestep": t, "latents": x}; it observes only, and may raise to stop the run (cancellation,
+# deadlines).
 StepCallback = Callable[[dict[str, Any]], None]
 
 
@@ -68,5 +69,5 @@ def denoise(
                 noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance.rescale)
         latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
         if callback is not None:
-            callback({"step": i, "timestep": t, "latents": latents})
+            callback({"step": i, "total": len(scheduler.timesteps), "timestep": t, "latents": latents})
     return latents

@@ -84,12 +84,10 @@ class Denoiser:
         """
         scheduler = make_scheduler(request.scheduler, dict(self.pipe.scheduler.config))
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
-        if isinstance(self.pipe, StableDiffusionXLPipeline):
+        if isinstance(self.pipe, StableDiffusionXLPipeline) and hasattr(scheduler, "set_begin_index"):
             # StableDiffusionXLPipeline does this before its loop (StableDiffusionPipeline does not).
             scheduler.set_begin_index(0)
-        conditioning = encode_conditioning(
-            self.pipe, request, self.text_encoder_id, request.height, request.width
-        )
+        conditioning = encode_conditioning(self.pipe, request, self.text_encoder_id, request.height, request.width)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (
             1,

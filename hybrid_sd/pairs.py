@@ -14,85 +14,12 @@ import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 
 from hybrid_sd.denoiser import Denoiser, vae_latent_space
+from hybrid_sd.presets import PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.tiny_models import save_tiny_pair
 
 logger = logging.getLogger(__name__)
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    """Where the two models of a pair come from: local diffusers folders or hub IDs.
-
-    ``edge`` is a whole pipeline or a UNet alone (then it runs on the cloud model's text encoders
-    and VAE). ``edge_vae`` replaces the edge's VAE, typically by a tiny decoder; an
-    AutoencoderTiny's config does not say which latent space it decodes, so the spec states it.
-    ``edge_shares_text_encoder`` loads the edge pipeline on the cloud's text encoders.
-    """
-
-    cloud: str
-    edge: str
-    edge_vae: str | None = None
-    edge_vae_latent_space: str | None = None
-    edge_shares_text_encoder: bool = False
-    description: str = ""
-
-
-PRESETS: dict[str, PairSpec] = {
-    "sd14-hybrid-224m": PairSpec(
-        "CompVis/stable-diffusion-v1-4",
-        "cqyan/hybrid-sd-224m",
-        "cqyan/hybrid-sd-tinyvae",
-        "sd1",
-        True,
-        "SD 1.4 with the Hybrid-SD 224M pruned UNet and its tiny VAE (arXiv 2408.06646)",
-    ),
-    "sd15-bk-sdm-small": PairSpec(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "nota-ai/bk-sdm-small",
-        "madebyollin/taesd",
-        "sd1",
-        True,
-        "SD 1.5 with BK-SDM-Small (0.49B UNet) and TAESD",
-    ),
-    "sd15-bk-sdm-tiny": PairSpec(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "nota-ai/bk-sdm-tiny",
-        "madebyollin/taesd",
-        "sd1",
-        True,
-        "SD 1.5 with BK-SDM-Tiny (0.33B UNet) and TAESD",
-    ),
-    "sdxl-koala-700m": PairSpec(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "etri-vilab/koala-700m",
-        "madebyollin/taesdxl",
-        "sdxl",
-        True,
-        "SDXL base with KOALA-700M and TAESDXL",
-    ),
-    "sdxl-ssd-1b": PairSpec(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "segmind/SSD-1B",
-        "madebyollin/taesdxl",
-        "sdxl",
-        True,
-        "SDXL base with Segmind SSD-1B and TAESDXL",
-    ),
-    "sdxl-vega": PairSpec(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        "segmind/Segmind-Vega",
-        "madebyollin/taesdxl",
-        "sdxl",
-        True,
-        "SDXL base with Segmind Vega and TAESDXL",
-    ),
-}
-# Random-weight pairs built from config on first use (see hybrid_sd.tiny_models).
-TINY_PRESETS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
-DEFAULT_PAIR = "tiny-sd1"
-PAIR_NAMES = (*TINY_PRESETS, *PRESETS)
 
 
 @dataclass
@@ -138,7 +65,7 @@ def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.fl
     if spec.edge_vae is not None:
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
-        edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, torch_dtype=dtype)
+        edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, dtype=dtype)
     pair = ModelPair(Denoiser(cloud_pipe.to(device), spec.cloud), Denoiser(edge_pipe.to(device), spec.edge))
     for pipe in (cloud_pipe, edge_pipe):
         if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
@@ -152,7 +79,7 @@ def load_pipeline(path: str, dtype: torch.dtype, **components) -> DiffusionPipel
     model_index = DiffusionPipeline.load_config(path)
     if "safety_checker" in model_index:
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **components)
+    return DiffusionPipeline.from_pretrained(path, dtype=dtype, **components)
 
 
 def _is_pipeline(path: str) -> bool:
@@ -168,7 +95,7 @@ def _is_pipeline(path: str) -> bool:
 
 def _load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
     subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
 
 
 def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> None:
@@ -177,13 +104,9 @@ def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> Non
     models = f"cloud model {cloud.name!r} and edge model {edge.name!r}"
     cloud_vae_space = vae_latent_space(cloud.pipe.vae)
     if cloud_vae_space not in (None, cloud.latent_space):
-        raise ValueError(
-            f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE"
-        )
+        raise ValueError(f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE")
     if edge.latent_space != cloud.latent_space:
-        raise ValueError(
-            f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})"
-        )
+        raise ValueError(f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})")
     edge_vae_space = vae_latent_space(edge.pipe.vae) or edge_vae_latent_space
     if edge_vae_space is None:
         logger.warning("cannot tell the latent space of %s's decoder; assuming %s", edge.name, edge.latent_space)
@@ -192,7 +115,12 @@ def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> Non
             f"{models}: the edge decoder is for the {edge_vae_space} latent space, the cloud"
             f" denoises in {cloud.latent_space}"
         )
-    for key in ("in_channels", "out_channels", "projection_class_embeddings_input_dim", "addition_time_embed_dim"):
+    for key in (
+        "in_channels",
+        "out_channels",
+        "projection_class_embeddings_input_dim",
+        "addition_time_embed_dim",
+    ):
         cloud_value, edge_value = cloud.pipe.unet.config.get(key), edge.pipe.unet.config.get(key)
         if cloud_value != edge_value:
             raise ValueError(f"{models} have different UNet {key} ({cloud_value} and {edge_value})")

@@ -11,7 +11,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from hybrid_sd.denoise import StepCallback
-from hybrid_sd.pairs import DEFAULT_PAIR, ModelPair, PairSpec, load_pair, preset
+from hybrid_sd.pairs import ModelPair, load_pair, preset
+from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import loop_index, resolve_scheduler
 from hybrid_sd.state import HybridState
@@ -57,11 +58,12 @@ class HybridPipeline:
         return cls(load_pair(spec, device, dtype))
 
     def check_inputs(self, request: GenerationRequest) -> GenerationRequest:
-        """Validate everything up front and resolve seed, size and scheduler against the cloud model."""
+        """Validate everything up front; resolve switch step, seed, size and scheduler (against the
+        cloud model)."""
         request.check()
         resolve_scheduler(request.scheduler, self.cloud.pipe.scheduler.config["_class_name"])
         request = dataclasses.replace(
-            request.with_seed(),
+            request.with_defaults(),
             width=request.width or self.cloud.default_size,
             height=request.height or self.cloud.default_size,
             scheduler=request.scheduler or self.cloud.pipe.scheduler.config["_class_name"],

@@ -9,19 +9,21 @@ from dataclasses import dataclass
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
+DEFAULT_SWITCH_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One request: ``switch_step`` denoising steps on the cloud model, the rest on the edge model.
 
-    ``seed=None`` draws a random seed (see :meth:`with_seed`); ``width``/``height=None`` take the
+    ``switch_step=None`` hands over after 40% of the steps (early steps fix the layout, which needs
+    the large model). ``seed=None`` draws a random seed; ``width``/``height=None`` take the
     model's native size; ``scheduler=None`` keeps the cloud model's own scheduler class.
     """
 
     prompt: str
     negative_prompt: str | None = None
-    switch_step: int = 10
+    switch_step: int | None = None
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
@@ -36,11 +38,10 @@ class GenerationRequest:
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ValueError(
-                f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
-            )
+            raise ValueError(f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}")
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
-        _check_int("switch_step", self.switch_step, 0, self.num_inference_steps)
+        if self.switch_step is not None:
+            _check_int("switch_step", self.switch_step, 0, self.num_inference_steps)
         _check_finite("guidance_scale", self.guidance_scale, 0.0)
         _check_finite("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         if self.seed is not None:
@@ -52,11 +53,13 @@ class GenerationRequest:
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
             raise ValueError(f"scheduler must be a non-empty string or None, got {self.scheduler!r}")
 
-    def with_seed(self) -> GenerationRequest:
-        """This request with a concrete seed: its own, or a fresh random one."""
-        if self.seed is not None:
-            return self
-        return dataclasses.replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+    def with_defaults(self) -> GenerationRequest:
+        """This request with a concrete switch step and seed (a fresh random one if unset)."""
+        switch_step = self.switch_step
+        if switch_step is None:
+            switch_step = round(DEFAULT_SWITCH_FRACTION * self.num_inference_steps)
+        seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return dataclasses.replace(self, switch_step=switch_step, seed=seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,12 +32,7 @@ def _same(a: Any, b: Any) -> bool:
             and torch.equal(a.cpu(), b.cpu())
         )
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.dtype == b.dtype
-            and np.array_equal(a, b)
-        )
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
     return type(a) is type(b) and a == b
@@ -88,9 +83,7 @@ def flatten(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[st
             return {"numpy_scalar": value.item(), "dtype": str(value.dtype)}
         if value is None or isinstance(value, bool | int | float | str):
             return value
-        raise ValueError(
-            f"scheduler state {key!r} holds a {type(value).__name__}, which cannot be handed over exactly"
-        )
+        raise ValueError(f"scheduler state {key!r} holds a {type(value).__name__}, which cannot be handed over exactly")
 
     described = {name: encode(value, f"{prefix}{name}") for name, value in state.items()}
     return described, tensors

@@ -82,9 +82,7 @@ class HybridState:
         if document.get("format") != FORMAT:
             raise ValueError(f"handoff format must be {FORMAT!r}, got {document.get('format')!r}")
         conditioning_tensors = {
-            name.removeprefix(_COND_PREFIX): tensor
-            for name, tensor in tensors.items()
-            if name.startswith(_COND_PREFIX)
+            name.removeprefix(_COND_PREFIX): tensor for name, tensor in tensors.items() if name.startswith(_COND_PREFIX)
         }
         if "prompt_embeds" not in conditioning_tensors:
             raise ValueError("handoff is missing conditioning.prompt_embeds")

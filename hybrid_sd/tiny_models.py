@@ -122,9 +122,7 @@ def build_tiny_pipeline(
     vae = _vae(family).eval()
     torch.manual_seed(seed + (2 if size == "large" else 3))
     unet = _unet(family, size).eval()
-    scheduler_config = dict(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
+    scheduler_config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if family == "sd1":
         return StableDiffusionPipeline(
             vae=vae,

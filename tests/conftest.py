@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny SD 1.x and SDXL pairs, saved as diffusers folders and loaded through
+the same code as a real checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from hybrid_sd.pairs import ModelPair, load_pair, preset
+from hybrid_sd.presets import PairSpec
+
+FAMILIES = {"sd1": "tiny-sd1", "sdxl": "tiny-sdxl"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_home(tmp_path_factory) -> str:
+    """Build the tiny pairs once per session, in a folder of the test run's own."""
+    home = str(tmp_path_factory.mktemp("hybrid-sd-home"))
+    previous = os.environ.get("HYBRID_SD_HOME")
+    os.environ["HYBRID_SD_HOME"] = home
+    yield home
+    if previous is None:
+        os.environ.pop("HYBRID_SD_HOME")
+    else:
+        os.environ["HYBRID_SD_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def pair_specs(model_home) -> dict[str, PairSpec]:
+    return {family: preset(name) for family, name in FAMILIES.items()}
+
+
+@pytest.fixture(scope="session")
+def pairs(pair_specs) -> dict[str, ModelPair]:
+    return {family: load_pair(spec) for family, spec in pair_specs.items()}
+
+
+def load_reference(path: str) -> DiffusionPipeline:
+    """diffusers' own pipeline for a tiny model folder, on the CPU in float32."""
+    return DiffusionPipeline.from_pretrained(path, safety_checker=None, dtype=torch.float32)
