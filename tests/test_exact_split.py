@@ -68,7 +68,13 @@ def test_edge_with_its_own_text_encoder_encodes_again(pairs, references, schedul
     edge = Denoiser(other, "tiny-sd1-small-seed7")
     assert edge.text_encoder_id != cloud.text_encoder_id
     request = GenerationRequest(
-        "a green triangle", "blurry", switch_step=3, num_inference_steps=STEPS, seed=5, width=64, height=64,
+        "a green triangle",
+        "blurry",
+        switch_step=3,
+        num_inference_steps=STEPS,
+        seed=5,
+        width=64,
+        height=64,
         scheduler=scheduler,
     )
     state = cloud.begin(request)
