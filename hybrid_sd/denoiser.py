@@ -47,10 +47,8 @@ class Denoiser:
         self.pipe = pipe
         self.name = name
         self.latent_space = unet_latent_space(pipe)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
+        # Looked up once: diffusers walks every module for offload hooks on each access.
+        self.device: torch.device = pipe._execution_device
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,7 +80,7 @@ class Denoiser:
 
         ``request`` must be resolved (seed, size and scheduler set).
         """
-        scheduler = make_scheduler(request.scheduler, dict(self.pipe.scheduler.config))
+        scheduler = make_scheduler(request.scheduler, self.pipe.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         if isinstance(self.pipe, StableDiffusionXLPipeline) and hasattr(scheduler, "set_begin_index"):
             # StableDiffusionXLPipeline does this before its loop (StableDiffusionPipeline does not).
@@ -100,7 +98,7 @@ class Denoiser:
             request=request,
             latent_space=self.latent_space,
             vae_scaling_factor=self.vae_scaling_factor,
-            scheduler_config=dict(scheduler.config),
+            scheduler_config={**scheduler.config, "_class_name": type(scheduler).__name__},
             timesteps=scheduler.timesteps.cpu(),
             step_index=0,
             sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),

@@ -61,12 +61,13 @@ class HybridPipeline:
         """Validate everything up front; resolve switch step, seed, size and scheduler (against the
         cloud model)."""
         request.check()
-        resolve_scheduler(request.scheduler, self.cloud.pipe.scheduler.config["_class_name"])
+        model_scheduler = type(self.cloud.pipe.scheduler).__name__
+        resolve_scheduler(request.scheduler, model_scheduler)
         request = dataclasses.replace(
             request.with_defaults(),
             width=request.width or self.cloud.default_size,
             height=request.height or self.cloud.default_size,
-            scheduler=request.scheduler or self.cloud.pipe.scheduler.config["_class_name"],
+            scheduler=request.scheduler or model_scheduler,
         )
         self.cloud.check_size(request)
         self.edge.check_size(request)

@@ -12,6 +12,8 @@ exactly (say a torchsde Brownian tree) is refused.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from typing import Any
 
 import numpy as np
@@ -40,15 +42,26 @@ def _same(a: Any, b: Any) -> bool:
 
 def capture(scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
     """The attributes of ``scheduler`` that differ from a fresh one after ``set_timesteps``."""
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(num_inference_steps, device=scheduler.timesteps.device)
-    fresh_state = vars(fresh)
+    fresh_state = _fresh_state(
+        type(scheduler), scheduler.to_json_string(), num_inference_steps, str(scheduler.timesteps.device)
+    )
     missing = object()
     return {
         name: value
         for name, value in vars(scheduler).items()
         if name not in _NOT_STATE and not _same(value, fresh_state.get(name, missing))
     }
+
+
+@functools.lru_cache(maxsize=64)
+def _fresh_state(
+    scheduler_class: type[SchedulerMixin], config_json: str, num_inference_steps: int, device: str
+) -> dict[str, Any]:
+    """``vars()`` of a scheduler just after ``set_timesteps``; cached, since building one costs
+    milliseconds per request. Only read, never handed out."""
+    fresh = scheduler_class.from_config(json.loads(config_json))
+    fresh.set_timesteps(num_inference_steps, device=device)
+    return vars(fresh)
 
 
 def restore(scheduler: SchedulerMixin, state: dict[str, Any], device: torch.device | str) -> None:

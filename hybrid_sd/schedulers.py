@@ -28,11 +28,11 @@ def resolve_scheduler(name: str | None, default_class: str) -> tuple[type[Schedu
     return getattr(diffusers, class_name), overrides
 
 
-def make_scheduler(name: str | None, base_config: dict[str, Any]) -> SchedulerMixin:
+def make_scheduler(name: str | None, model_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A scheduler of the requested kind on the model's own noise schedule, as
     ``Cls.from_config(pipe.scheduler.config)`` does in diffusers' docs."""
-    scheduler_class, overrides = resolve_scheduler(name, base_config["_class_name"])
-    return scheduler_class.from_config({**base_config, **overrides})
+    scheduler_class, overrides = resolve_scheduler(name, type(model_scheduler).__name__)
+    return scheduler_class.from_config({**model_scheduler.config, **overrides})
 
 
 def scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:

@@ -22,7 +22,7 @@ def reference_run(
 ):
     """Run ``request`` through diffusers with ``cloud_unet`` for loop iterations ``[0, switch)``
     and ``edge_unet`` after; ``edge_embeds`` replace the callback tensors from the switch on."""
-    scheduler = make_scheduler(request.scheduler, dict(pipe.scheduler.config))
+    scheduler = make_scheduler(request.scheduler, pipe.scheduler)
     pipe = type(pipe).from_pipe(pipe, unet=cloud_unet if switch > 0 else edge_unet)
     # Assigned as diffusers' docs do: passed to the constructor instead, StableDiffusionPipeline
     # would rewrite a DDIM config (clip_sample=False) and so run another sampler.

@@ -16,7 +16,7 @@ from tests.conftest import load_reference
 
 
 def diffusers_output(pipe, request: GenerationRequest, output_type: str):
-    pipe.scheduler = make_scheduler(request.scheduler, dict(pipe.scheduler.config))
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler)
     return pipe(
         request.prompt,
         negative_prompt=request.negative_prompt,
