@@ -50,7 +50,8 @@ class HybridState:
         """UNet evaluations in the whole schedule."""
         return len(self.timesteps)
 
-    def to_bytes(self) -> bytes:
+    def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A JSON-able document and named CPU tensors: the one layout behind every encoding."""
         sampler_description, tensors = sampler_state.flatten(self.sampler_state, _SAMPLER_PREFIX)
         tensors["latents"] = self.latents
         tensors["timesteps"] = self.timesteps
@@ -68,8 +69,56 @@ class HybridState:
             "sampler_state": sampler_description,
             "text_encoder_id": self.conditioning.text_encoder_id,
         }
-        contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        return save_safetensors(contiguous, metadata={_METADATA_KEY: json.dumps(document)})
+        return document, {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+    @classmethod
+    def from_parts(cls, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HybridState:
+        """Inverse of :meth:`to_parts`; anything malformed raises ``ValueError`` naming the field."""
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            found = document.get("format") if isinstance(document, dict) else document
+            raise ValueError(f"handoff format must be {FORMAT!r}, got {found!r}")
+        for key in ("latents", "timesteps", _COND_PREFIX + "prompt_embeds"):
+            if key not in tensors:
+                raise ValueError(f"handoff is missing tensor {key!r}")
+        try:
+            request = GenerationRequest.from_dict(document["request"])
+            fields = {key: document[key] for key in _DOCUMENT_TYPES}
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"handoff is missing or has a malformed field: {error}") from error
+        for key, expected in _DOCUMENT_TYPES.items():
+            if not isinstance(fields[key], expected) or isinstance(fields[key], bool):
+                raise ValueError(f"handoff field {key!r} must be {expected}, got {fields[key]!r}")
+        request.check()
+        latents, timesteps = tensors["latents"], tensors["timesteps"]
+        if not 0 <= fields["step_index"] <= len(timesteps):
+            raise ValueError(f"handoff step_index must be in [0, {len(timesteps)}], got {fields['step_index']}")
+        if latents.ndim != 4 or not latents.is_floating_point():
+            raise ValueError(f"handoff latents must be a 4-D float tensor, got {latents.dtype} {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("handoff latents contain NaN or Inf")
+        conditioning_tensors = {
+            name.removeprefix(_COND_PREFIX): tensor for name, tensor in tensors.items() if name.startswith(_COND_PREFIX)
+        }
+        try:
+            conditioning = Conditioning(text_encoder_id=document["text_encoder_id"], **conditioning_tensors)
+        except TypeError as error:
+            raise ValueError(f"handoff has unknown conditioning tensors: {error}") from error
+        return cls(
+            request=request,
+            latent_space=fields["latent_space"],
+            vae_scaling_factor=float(fields["vae_scaling_factor"]),
+            scheduler_config=fields["scheduler_config"],
+            timesteps=timesteps,
+            step_index=fields["step_index"],
+            sampler_state=sampler_state.unflatten(fields["sampler_state"], tensors),
+            generator_state=tensors.get("generator_state"),
+            latents=latents,
+            conditioning=conditioning,
+        )
+
+    def to_bytes(self) -> bytes:
+        document, tensors = self.to_parts()
+        return save_safetensors(tensors, metadata={_METADATA_KEY: json.dumps(document)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HybridState:
@@ -77,27 +126,19 @@ class HybridState:
         try:
             tensors = load_safetensors(data)
             document = json.loads(_read_metadata(data)[_METADATA_KEY])
-        except (SafetensorError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"handoff is not a hybrid-sd state: {error}") from error
-        if document.get("format") != FORMAT:
-            raise ValueError(f"handoff format must be {FORMAT!r}, got {document.get('format')!r}")
-        conditioning_tensors = {
-            name.removeprefix(_COND_PREFIX): tensor for name, tensor in tensors.items() if name.startswith(_COND_PREFIX)
-        }
-        if "prompt_embeds" not in conditioning_tensors:
-            raise ValueError("handoff is missing conditioning.prompt_embeds")
-        return cls(
-            request=GenerationRequest.from_dict(document["request"]),
-            latent_space=document["latent_space"],
-            vae_scaling_factor=document["vae_scaling_factor"],
-            scheduler_config=document["scheduler_config"],
-            timesteps=tensors["timesteps"],
-            step_index=document["step_index"],
-            sampler_state=sampler_state.unflatten(document["sampler_state"], tensors),
-            generator_state=tensors.get("generator_state"),
-            latents=tensors["latents"],
-            conditioning=Conditioning(text_encoder_id=document["text_encoder_id"], **conditioning_tensors),
-        )
+        return cls.from_parts(document, tensors)
+
+
+_DOCUMENT_TYPES = {
+    "latent_space": str,
+    "vae_scaling_factor": int | float,
+    "scheduler_config": dict,
+    "step_index": int,
+    "sampler_state": dict,
+    "text_encoder_id": str,
+}
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
