@@ -13,8 +13,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import Conditioning, encode_conditioning, text_encoder_fingerprint
 from hybrid_sd.denoise import Guidance, StepCallback, denoise
+from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.schedulers import make_scheduler, scheduler_from_config, uses_generator
+from hybrid_sd.schedulers import make_scheduler, resolve_scheduler, scheduler_from_config, uses_generator
 from hybrid_sd.state import HybridState
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,21 @@ class Denoiser:
     def text_encoder_id(self) -> str:
         return text_encoder_fingerprint(self.pipe)
 
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size and
+        scheduler (this model's own class)."""
+        request.check()
+        model_scheduler = type(self.pipe.scheduler).__name__
+        resolve_scheduler(request.scheduler, model_scheduler)
+        request = dataclasses.replace(
+            request.with_defaults(),
+            width=request.width or self.default_size,
+            height=request.height or self.default_size,
+            scheduler=request.scheduler or model_scheduler,
+        )
+        self.check_size(request)
+        return request
+
     def check_size(self, request: GenerationRequest) -> None:
         for field in ("width", "height"):
             value = getattr(request, field)
@@ -105,15 +121,12 @@ class Denoiser:
             generator_state=generator.get_state() if uses_generator(scheduler) else None,
             latents=noise * scheduler.init_noise_sigma,
             conditioning=conditioning,
+            model=self.name,
         )
 
     def denoise(self, state: HybridState, end: int, callback: StepCallback | None = None) -> HybridState:
         """Run loop iterations ``[state.step_index, end)`` with this model; return the new state."""
-        if state.latent_space != self.latent_space:
-            raise ValueError(
-                f"handoff is in the {state.latent_space!r} latent space but {self.name} denoises in"
-                f" {self.latent_space!r}"
-            )
+        self.check_handoff(state)
         if not state.step_index <= end <= state.loop_length:
             raise ValueError(f"end must be in [{state.step_index}, {state.loop_length}], got {end}")
         request = state.request
@@ -147,7 +160,30 @@ class Denoiser:
             generator_state=generator.get_state() if uses_generator(scheduler) else None,
             latents=latents,
             conditioning=conditioning,
+            model=self.name,
         )
+
+    def check_handoff(self, state: HybridState) -> None:
+        """Refuse a state this model cannot continue: another latent space (naming both models), or
+        latents whose shape does not fit the request."""
+        if state.latent_space != self.latent_space:
+            raise IncompatibleModelsError(
+                f"handoff from {state.model or 'an unnamed model'!r} is in the {state.latent_space!r} latent space"
+                f" but {self.name!r} denoises in {self.latent_space!r}"
+            )
+        request = state.request
+        self.check_size(request)
+        expected = (
+            1,
+            self.pipe.unet.config.in_channels,
+            request.height // self.vae_scale_factor,
+            request.width // self.vae_scale_factor,
+        )
+        if tuple(state.latents.shape) != expected:
+            raise ValueError(
+                f"handoff latents have shape {tuple(state.latents.shape)}, expected {expected} for"
+                f" {request.width}x{request.height}"
+            )
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

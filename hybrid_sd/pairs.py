@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 
 from hybrid_sd.denoiser import Denoiser, vae_latent_space
+from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.presets import PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.tiny_models import save_tiny_pair
 
@@ -99,19 +100,24 @@ def _load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
 
 
 def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> None:
-    """Raise ``ValueError`` naming both models if the edge cannot continue the cloud's latents."""
+    """Raise :class:`IncompatibleModelsError` naming both models if the edge cannot continue the
+    cloud's latents."""
     cloud, edge = pair.cloud, pair.edge
     models = f"cloud model {cloud.name!r} and edge model {edge.name!r}"
     cloud_vae_space = vae_latent_space(cloud.pipe.vae)
     if cloud_vae_space not in (None, cloud.latent_space):
-        raise ValueError(f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE")
+        raise IncompatibleModelsError(
+            f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE"
+        )
     if edge.latent_space != cloud.latent_space:
-        raise ValueError(f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})")
+        raise IncompatibleModelsError(
+            f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})"
+        )
     edge_vae_space = vae_latent_space(edge.pipe.vae) or edge_vae_latent_space
     if edge_vae_space is None:
         logger.warning("cannot tell the latent space of %s's decoder; assuming %s", edge.name, edge.latent_space)
     elif edge_vae_space != cloud.latent_space:
-        raise ValueError(
+        raise IncompatibleModelsError(
             f"{models}: the edge decoder is for the {edge_vae_space} latent space, the cloud"
             f" denoises in {cloud.latent_space}"
         )
@@ -123,11 +129,11 @@ def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> Non
     ):
         cloud_value, edge_value = cloud.pipe.unet.config.get(key), edge.pipe.unet.config.get(key)
         if cloud_value != edge_value:
-            raise ValueError(f"{models} have different UNet {key} ({cloud_value} and {edge_value})")
+            raise IncompatibleModelsError(f"{models} have different UNet {key} ({cloud_value} and {edge_value})")
     if cloud.text_encoder_id == edge.text_encoder_id:
         cloud_dim = cloud.pipe.unet.config.cross_attention_dim
         edge_dim = edge.pipe.unet.config.cross_attention_dim
         if cloud_dim != edge_dim:
-            raise ValueError(
+            raise IncompatibleModelsError(
                 f"{models} share text encoders but have different cross_attention_dim ({cloud_dim} and {edge_dim})"
             )

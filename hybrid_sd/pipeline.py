@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ from hybrid_sd.denoise import StepCallback
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.schedulers import loop_index, resolve_scheduler
+from hybrid_sd.schedulers import loop_index
 from hybrid_sd.state import HybridState
 
 
@@ -58,18 +57,9 @@ class HybridPipeline:
         return cls(load_pair(spec, device, dtype))
 
     def check_inputs(self, request: GenerationRequest) -> GenerationRequest:
-        """Validate everything up front; resolve switch step, seed, size and scheduler (against the
-        cloud model)."""
-        request.check()
-        model_scheduler = type(self.cloud.pipe.scheduler).__name__
-        resolve_scheduler(request.scheduler, model_scheduler)
-        request = dataclasses.replace(
-            request.with_defaults(),
-            width=request.width or self.cloud.default_size,
-            height=request.height or self.cloud.default_size,
-            scheduler=request.scheduler or model_scheduler,
-        )
-        self.cloud.check_size(request)
+        """Validate everything up front; resolve switch step, seed, size and scheduler against the
+        cloud model."""
+        request = self.cloud.resolve(request)
         self.edge.check_size(request)
         return request
 

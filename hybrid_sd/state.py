@@ -44,6 +44,7 @@ class HybridState:
     generator_state: torch.Tensor | None
     latents: torch.Tensor
     conditioning: Conditioning
+    model: str = ""  # the model that made the latents, for error messages
 
     @property
     def loop_length(self) -> int:
@@ -68,6 +69,7 @@ class HybridState:
             "step_index": self.step_index,
             "sampler_state": sampler_description,
             "text_encoder_id": self.conditioning.text_encoder_id,
+            "model": self.model,
         }
         return document, {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
 
@@ -114,6 +116,7 @@ class HybridState:
             generator_state=tensors.get("generator_state"),
             latents=latents,
             conditioning=conditioning,
+            model=str(document.get("model", "")),
         )
 
     def to_bytes(self) -> bytes:

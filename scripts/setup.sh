@@ -7,3 +7,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The gRPC stubs are build output (git-ignored), generated from the one API contract.
+.venv/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+  protos/hybrid_sd/v1/hybrid_sd.proto

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hybrid_sd import sampler_state
+from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.state import HybridState
@@ -101,7 +102,10 @@ def test_state_that_cannot_travel_exactly_is_refused():
 
 def test_receiver_refuses_a_different_latent_space(pairs):
     state = mid_run_state(pairs["sd1"], "ddim")
-    with pytest.raises(ValueError, match="handoff is in the 'sd1' latent space but .* denoises in 'sdxl'"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match="handoff from '.*cloud' is in the 'sd1' latent space but '.*edge' denoises in 'sdxl'",
+    ):
         pairs["sdxl"].edge.denoise(state, state.loop_length)
 
 

@@ -1,0 +1,17 @@
+"""Errors the serving layer maps to gRPC status codes (see hybrid_sd.rpc)."""
+
+
+class IncompatibleModelsError(ValueError):
+    """Two models that cannot hand over to each other (FAILED_PRECONDITION)."""
+
+
+class DeadlineExceededError(Exception):
+    """The request's deadline passed; raised between denoising steps (DEADLINE_EXCEEDED)."""
+
+
+class RunCancelledError(Exception):
+    """The caller cancelled the request; raised between denoising steps (CANCELLED)."""
+
+
+class CloudUnavailableError(Exception):
+    """The cloud denoiser could not be reached (UNAVAILABLE, or an edge fallback)."""
