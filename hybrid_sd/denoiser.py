@@ -6,8 +6,10 @@ import dataclasses
 import logging
 from functools import cached_property
 
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from hybrid_sd import sampler_state
@@ -199,6 +201,10 @@ class Denoiser:
         else:
             latents = latents / config.scaling_factor
         return vae.decode(latents, return_dict=False)[0]
+
+    def to_image(self, latents: torch.Tensor) -> PIL.Image.Image:
+        """Decode and post-process as the pipelines do for ``output_type="pil"``."""
+        return VaeImageProcessor().postprocess(self.decode(latents), output_type="pil")[0]
 
     def _conditioning_for(self, state: HybridState) -> Conditioning:
         """The handoff's embeddings where they come from the same text encoders, else our own."""

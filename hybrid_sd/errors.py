@@ -15,3 +15,7 @@ class RunCancelledError(Exception):
 
 class CloudUnavailableError(Exception):
     """The cloud denoiser could not be reached (UNAVAILABLE, or an edge fallback)."""
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting for a denoiser (RESOURCE_EXHAUSTED)."""

@@ -57,22 +57,47 @@ def preset(name: str) -> PairSpec:
 
 def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelPair:
     """Load both models and check that they can hand over to each other."""
-    cloud_pipe = load_pipeline(spec.cloud, dtype)
-    shared = {name: getattr(cloud_pipe, name) for name in TEXT_COMPONENTS if hasattr(cloud_pipe, name)}
-    if _is_pipeline(spec.edge):
-        edge_pipe = load_pipeline(spec.edge, dtype, **(shared if spec.edge_shares_text_encoder else {}))
+    cloud = load_cloud(spec, device, dtype)
+    pair = ModelPair(cloud, load_edge(spec, device, dtype, cloud_pipe=cloud.pipe))
+    check_pair(pair, spec.edge_vae_latent_space)
+    return pair
+
+
+def load_cloud(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
+    return Denoiser(_place(load_pipeline(spec.cloud, dtype), device, dtype), spec.cloud)
+
+
+def load_edge(
+    spec: PairSpec,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cloud_pipe: DiffusionPipeline | None = None,
+) -> Denoiser:
+    """The edge model. A bare UNet runs on the cloud model's text encoders and VAE, and a pipeline
+    that shares the cloud's text encoders gets them: from ``cloud_pipe`` in one process, else loaded
+    from the cloud model without its UNet."""
+    edge_is_pipeline = _is_pipeline(spec.edge)
+    if cloud_pipe is None and (spec.edge_shares_text_encoder or not edge_is_pipeline):
+        cloud_pipe = load_pipeline(spec.cloud, dtype, unet=None)
+    if edge_is_pipeline:
+        shared = {}
+        if spec.edge_shares_text_encoder:
+            shared = {name: getattr(cloud_pipe, name) for name in TEXT_COMPONENTS if hasattr(cloud_pipe, name)}
+        edge_pipe = load_pipeline(spec.edge, dtype, **shared)
     else:
         edge_pipe = type(cloud_pipe).from_pipe(cloud_pipe, unet=_load_unet(spec.edge, dtype))
     if spec.edge_vae is not None:
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
         edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, dtype=dtype)
-    pair = ModelPair(Denoiser(cloud_pipe.to(device), spec.cloud), Denoiser(edge_pipe.to(device), spec.edge))
-    for pipe in (cloud_pipe, edge_pipe):
-        if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
-            pipe.vae.to(torch.float32)  # as diffusers' SDXL pipeline does: the VAE overflows in fp16
-    check_pair(pair, spec.edge_vae_latent_space)
-    return pair
+    return Denoiser(_place(edge_pipe, device, dtype), spec.edge)
+
+
+def _place(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    pipe.to(device)
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # as diffusers' SDXL pipeline does: the VAE overflows in fp16
+    return pipe
 
 
 def load_pipeline(path: str, dtype: torch.dtype, **components) -> DiffusionPipeline:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import PIL.Image
 import torch
-from diffusers.image_processor import VaeImageProcessor
 
 from hybrid_sd.denoise import StepCallback
 from hybrid_sd.pairs import ModelPair, load_pair, preset
@@ -89,8 +88,7 @@ class HybridPipeline:
             lap("handoff")
         state = self.edge.denoise(state, state.loop_length, callback)
         lap("edge_denoise")
-        image = self.edge.decode(state.latents)
-        pil_image = VaeImageProcessor().postprocess(image, output_type="pil")[0]
+        pil_image = self.edge.to_image(state.latents)
         lap("decode")
         timings["total"] = sum(timings.values())
         return GenerationResult(

@@ -1,0 +1,124 @@
+"""The cloud gateway: a grpc.aio server in front of the Ray Serve denoiser deployment.
+
+It serves ``HybridDiffusion`` (cloud steps on Ray, the rest on the edge worker over gRPC) and
+``CloudDenoiser`` (for requests that start at an edge). Ray starts locally unless an address is
+given, in which case the deployment's replicas run on that cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import grpc
+import ray
+from ray import serve
+
+from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind
+from hybrid_sd import orchestrate
+from hybrid_sd.presets import PairSpec
+from hybrid_sd.rpc import (
+    CLOUD_DENOISER,
+    HYBRID_DIFFUSION,
+    GrpcEdgeClient,
+    RunningServer,
+    Security,
+    open_channel,
+    start_server,
+)
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    pair_name: str
+    pair: PairSpec
+    edge: str  # HOST:PORT of the edge worker
+    host: str = "127.0.0.1"
+    port: int = 50051
+    ray_address: str | None = None  # None: start Ray in this process
+    ray_num_cpus: int | None = None  # for a local Ray
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    device: str = "cpu"
+    dtype: str = "float32"
+    security: Security = field(default_factory=Security)
+    edge_token: str | None = None
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + remaining
+
+
+class GatewayHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
+    def __init__(self, pair_name: str, cloud: RayCloudClient, edge: GrpcEdgeClient):
+        self.pair_name, self.cloud, self.edge = pair_name, cloud, edge
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return await orchestrate.generate(
+            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        async for event in orchestrate.generate_stream(
+            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name
+        ):
+            yield event
+
+
+class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
+    def __init__(self, cloud: RayCloudClient):
+        self.cloud = cloud
+
+    async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
+        return await self.cloud.denoise(request.request, _deadline(context))
+
+
+def deploy(config: GatewayConfig):
+    """Connect to (or start) Ray and run the denoiser application; returns its handle once every
+    replica has loaded the model."""
+    if not ray.is_initialized():
+        ray.init(
+            address=config.ray_address,
+            num_cpus=config.ray_num_cpus if config.ray_address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    application = bind(config.pair, config.replicas, config.device, config.dtype)
+    return serve.run(application, name=APP_NAME, route_prefix=None)
+
+
+@asynccontextmanager
+async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]:
+    """Serve until the block exits; health turns SERVING once the replicas have loaded the model."""
+    cloud = RayCloudClient()
+    edge = GrpcEdgeClient(open_channel(config.edge), config.edge_token)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_HybridDiffusionServicer_to_server(
+            GatewayHybridDiffusionServicer(config.pair_name, cloud, edge), server
+        )
+        pb_grpc.add_CloudDenoiserServicer_to_server(GatewayCloudDenoiserServicer(cloud), server)
+
+    server = await start_server(register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security)
+    logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
+    started_ray = not ray.is_initialized()
+    try:
+        cloud.attach(await asyncio.to_thread(deploy, config))
+        server.set_serving()
+        yield server
+    finally:
+        await server.stop()
+        if ray.is_initialized():
+            await asyncio.to_thread(serve.delete, APP_NAME)
+            if started_ray:
+                await asyncio.to_thread(ray.shutdown)

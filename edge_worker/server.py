@@ -1,0 +1,141 @@
+"""The edge worker: a grpc.aio server holding the small model and its decoder.
+
+It serves ``EdgeRefiner.Refine`` (finish a handoff from the cloud) and ``HybridDiffusion`` for
+requests that start at the edge: it calls the cloud's ``Denoise`` and finishes locally, or finishes
+alone when the cloud is unreachable or late and the request allows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import grpc
+import torch
+
+from hybrid_sd import orchestrate
+from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.pairs import load_edge
+from hybrid_sd.presets import PairSpec
+from hybrid_sd.rpc import (
+    EDGE_REFINER,
+    HYBRID_DIFFUSION,
+    GrpcCloudClient,
+    RunningServer,
+    Security,
+    open_channel,
+    start_server,
+)
+from hybrid_sd.service import ComputeLane, edge_refine
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EdgeConfig:
+    pair: PairSpec
+    host: str = "127.0.0.1"
+    port: int = 50052
+    cloud: str | None = None  # the gateway serving CloudDenoiser, for edge-initiated requests
+    cloud_timeout: float | None = None  # seconds the cloud half may take before an edge fallback
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    security: Security = field(default_factory=Security)
+    cloud_token: str | None = None
+    name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
+
+
+class EdgeWorker:
+    """The edge's model, its compute lane, and its link to the cloud."""
+
+    def __init__(self, config: EdgeConfig):
+        self.config = config
+        self.denoiser: Denoiser | None = None
+        self.lane = ComputeLane()
+        self.cloud = None
+        if config.cloud:
+            self.cloud = GrpcCloudClient(open_channel(config.cloud), config.cloud_token)
+
+    async def load(self) -> None:
+        config = self.config
+        self.denoiser = await asyncio.to_thread(load_edge, config.pair, config.device, config.dtype)
+        logger.info("edge model %s loaded", config.pair.edge)
+
+    async def refine(self, message: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
+        if self.denoiser is None:
+            raise RuntimeError("the edge model is not loaded")
+        return await self.lane.run(partial(edge_refine, self.denoiser, message, self.config.name), deadline)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + remaining
+
+
+async def _unless_loading(context: grpc.aio.ServicerContext, worker: EdgeWorker) -> None:
+    if worker.denoiser is None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the edge model is still loading")
+
+
+class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
+    def __init__(self, worker: EdgeWorker):
+        self.worker = worker
+
+    async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
+        await _unless_loading(context, self.worker)
+        return await self.worker.refine(request, _deadline(context))
+
+
+class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
+    """Edge-initiated requests: the cloud's Denoise over gRPC, then this worker's model."""
+
+    def __init__(self, worker: EdgeWorker):
+        self.worker = worker
+
+    def _cloud_deadline(self) -> float | None:
+        timeout = self.worker.config.cloud_timeout
+        return None if timeout is None else time.time() + timeout
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        await _unless_loading(context, self.worker)
+        return await orchestrate.generate(
+            request, self.worker.cloud, self.worker, _deadline(context), self._cloud_deadline()
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        await _unless_loading(context, self.worker)
+        async for event in orchestrate.generate_stream(
+            request, self.worker.cloud, self.worker, _deadline(context), self._cloud_deadline()
+        ):
+            yield event
+
+
+@asynccontextmanager
+async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
+    """Serve until the block exits; health turns SERVING once the model is loaded."""
+    worker = EdgeWorker(config)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_EdgeRefinerServicer_to_server(EdgeRefinerServicer(worker), server)
+        pb_grpc.add_HybridDiffusionServicer_to_server(EdgeHybridDiffusionServicer(worker), server)
+
+    server = await start_server(register, (EDGE_REFINER, HYBRID_DIFFUSION), config.host, config.port, config.security)
+    logger.info("edge worker %s listening on %s:%d", config.name, config.host, server.port)
+    try:
+        await worker.load()
+        server.set_serving()
+        yield server
+    finally:
+        await server.stop()
+        worker.lane.shutdown()

@@ -1,0 +1,158 @@
+"""The one orchestration of a served request, over interchangeable cloud and edge clients.
+
+The gateway runs it with a Ray cloud client and a gRPC edge client; an edge worker's own
+``Generate`` runs it with a gRPC cloud client and its in-process edge. Either way: steps [0, k) on
+the cloud, the handoff, steps [k, N) and the decode on the edge, or the edge alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.wire import request_from_pb, request_to_pb
+
+logger = logging.getLogger(__name__)
+
+
+class CloudClient(Protocol):
+    async def denoise(self, request: pb.GenerateRequest, deadline: float | None) -> pb.Handoff:
+        """Steps [0, switch_step) of ``request``; raises CloudUnavailableError if unreachable."""
+
+
+class EdgeClient(Protocol):
+    async def refine(self, request: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
+        """The rest of the schedule and the decode."""
+
+
+async def generate(
+    message: pb.GenerateRequest,
+    cloud: CloudClient | None,
+    edge: EdgeClient,
+    deadline: float | None = None,
+    cloud_deadline: float | None = None,
+    on_progress: Callable[[pb.Progress], None] | None = None,
+    served_pair: str | None = None,
+) -> pb.GenerateResponse:
+    """Serve one request. ``deadline`` is the caller's (wall clock); ``cloud_deadline``, if earlier,
+    bounds the cloud half so that an edge fallback still has time to run. ``on_progress`` hears of
+    each stage as it starts. A request naming a pair other than ``served_pair`` is refused."""
+    started = time.perf_counter()
+    if message.pair and served_pair and message.pair != served_pair:
+        raise ValueError(f"pair {message.pair!r} is not served here; this server runs {served_pair!r}")
+    request = request_from_pb(message).with_defaults()  # ValueError names a bad field
+    message = request_to_pb(request, message)
+
+    def progress(stage: str, step: int) -> None:
+        if on_progress is not None:
+            on_progress(pb.Progress(stage=stage, step=step, total=request.num_inference_steps))
+
+    handoff: pb.Handoff | None = None
+    fell_back = False
+    cloud_wall = 0.0
+    if request.switch_step > 0:
+        cloud_started = time.perf_counter()
+        progress("cloud_denoise", 0)
+        try:
+            if cloud is None:
+                raise CloudUnavailableError("no cloud denoiser is configured")
+            limit = min(d for d in (deadline, cloud_deadline) if d is not None) if deadline or cloud_deadline else None
+            handoff = await cloud.denoise(message, limit)
+        except (CloudUnavailableError, DeadlineExceededError) as error:
+            if not message.allow_edge_fallback or (deadline is not None and time.time() >= deadline):
+                raise
+            logger.warning("request %s: cloud failed (%s); finishing on the edge alone", message.request_id, error)
+            fell_back = True
+        cloud_wall = time.perf_counter() - cloud_started
+    if handoff is not None:
+        refine = pb.RefineRequest(handoff=handoff, output_format=message.output_format)
+    else:
+        edge_only = pb.GenerateRequest()
+        edge_only.CopyFrom(message)
+        edge_only.switch_step = 0
+        refine = pb.RefineRequest(request=edge_only, output_format=message.output_format)
+    progress("edge_denoise", request.switch_step if handoff is not None else 0)
+    edge_started = time.perf_counter()
+    result = await edge.refine(refine, deadline)
+    edge_wall = time.perf_counter() - edge_started
+    return _response(message, handoff, result, fell_back, cloud_wall, edge_wall, time.perf_counter() - started)
+
+
+async def generate_stream(
+    message: pb.GenerateRequest,
+    cloud: CloudClient | None,
+    edge: EdgeClient,
+    deadline: float | None = None,
+    cloud_deadline: float | None = None,
+    served_pair: str | None = None,
+) -> AsyncIterator[pb.GenerateEvent]:
+    """:func:`generate` as a stream: a progress event as each stage starts, then the result."""
+    events: asyncio.Queue[pb.Progress] = asyncio.Queue()
+    task = asyncio.ensure_future(
+        generate(message, cloud, edge, deadline, cloud_deadline, events.put_nowait, served_pair)
+    )
+    try:
+        while not task.done() or not events.empty():
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield pb.GenerateEvent(progress=getter.result())
+            else:
+                getter.cancel()
+        yield pb.GenerateEvent(result=task.result())
+    finally:
+        task.cancel()
+
+
+def _response(
+    message: pb.GenerateRequest,
+    handoff: pb.Handoff | None,
+    result: pb.ImageResult,
+    fell_back: bool,
+    cloud_wall: float,
+    edge_wall: float,
+    total: float,
+) -> pb.GenerateResponse:
+    resolved = result.request
+    edge_compute = result.handoff_decode_seconds + result.encode_prompt_seconds
+    edge_compute += result.edge_denoise_seconds + result.vae_decode_seconds
+    timings = pb.StageTimings(
+        edge_denoise=result.edge_denoise_seconds,
+        vae_decode=result.vae_decode_seconds,
+        handoff_decode=result.handoff_decode_seconds,
+        total=total,
+    )
+    handoff_bytes = 0
+    if handoff is not None:
+        handoff_bytes = handoff.ByteSize()
+        cloud_compute = handoff.encode_prompt_seconds + handoff.cloud_denoise_seconds
+        timings.encode_prompt = handoff.encode_prompt_seconds
+        timings.cloud_denoise = handoff.cloud_denoise_seconds
+        # Everything between the two computations: serialization, the network, queues.
+        timings.handoff_transfer = max(0.0, cloud_wall - cloud_compute) + max(0.0, edge_wall - edge_compute)
+    else:
+        timings.encode_prompt = result.encode_prompt_seconds
+    return pb.GenerateResponse(
+        image=result.image,
+        mime_type=result.mime_type,
+        latents=result.latents if result.HasField("latents") else None,
+        seed=resolved.seed,
+        switch_step=resolved.switch_step,
+        num_inference_steps=resolved.num_inference_steps,
+        scheduler=resolved.scheduler,
+        width=resolved.width,
+        height=resolved.height,
+        timings=timings,
+        handoff_bytes=handoff_bytes,
+        cloud_unet_evaluations=handoff.cloud_unet_evaluations if handoff is not None else 0,
+        edge_unet_evaluations=result.edge_unet_evaluations,
+        cloud_replica=handoff.cloud_replica if handoff is not None else "",
+        edge_worker=result.edge_worker,
+        edge_fallback=fell_back,
+        request_id=message.request_id,
+    )

@@ -1,0 +1,287 @@
+"""gRPC plumbing shared by the gateway and the edge worker: servers with health, reflection, auth
+and error mapping; channels and the remote cloud and edge clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hybrid_sd.errors import (
+    CloudUnavailableError,
+    DeadlineExceededError,
+    IncompatibleModelsError,
+    QueueFullError,
+    RunCancelledError,
+)
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+from hybrid_sd.wire import MAX_MESSAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+HYBRID_DIFFUSION = pb.DESCRIPTOR.services_by_name["HybridDiffusion"].full_name
+CLOUD_DENOISER = pb.DESCRIPTOR.services_by_name["CloudDenoiser"].full_name
+EDGE_REFINER = pb.DESCRIPTOR.services_by_name["EdgeRefiner"].full_name
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+# Probes and tooling must work without a token (compose healthchecks, grpcurl list).
+_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Security:
+    """Bearer-token auth and TLS (with a client CA: mutual TLS); all off by default."""
+
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Security:
+        def path(name: str) -> Path | None:
+            return Path(os.environ[name]) if os.environ.get(name) else None
+
+        return cls(
+            token=os.environ.get("HYBRID_SD_TOKEN") or None,
+            tls_cert=path("HYBRID_SD_TLS_CERT"),
+            tls_key=path("HYBRID_SD_TLS_KEY"),
+            tls_client_ca=path("HYBRID_SD_TLS_CLIENT_CA"),
+        )
+
+    def check(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a file")
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None:
+            return None
+        client_ca = self.tls_client_ca.read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key.read_bytes(), self.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a library error is reported with (DESIGN.md, "Errors")."""
+    if isinstance(error, grpc.aio.AioRpcError):  # a downstream call failed: pass its status on
+        return error.code(), error.details() or ""
+    for error_type, code in (
+        (IncompatibleModelsError, grpc.StatusCode.FAILED_PRECONDITION),
+        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (RunCancelledError, grpc.StatusCode.CANCELLED),
+        (CloudUnavailableError, grpc.StatusCode.UNAVAILABLE),
+        (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ):
+        if isinstance(error, error_type):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a servicer into status codes, so a bad request never surfaces as
+    UNKNOWN and never takes the server down."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        method = handler_call_details.method
+
+        async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+            code, details = status_for(error)
+            if code == grpc.StatusCode.INTERNAL:
+                logger.exception("%s failed", method)
+            await context.abort(code, details)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - every error must become a status
+                    await abort(context, error)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:  # noqa: BLE001
+                await abort(context, error)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless the call carries ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(_OPEN_SERVICES):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected):
+            return await continuation(handler_call_details)
+        return _unauthenticated_handler(await continuation(handler_call_details))
+
+
+def _unauthenticated_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    if handler is not None and handler.unary_stream:
+
+        async def deny_stream(request, context):
+            await deny(request, context)
+            yield  # pragma: no cover - unreachable, makes this an async generator
+
+        return grpc.unary_stream_rpc_method_handler(
+            deny_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        deny,
+        handler.request_deserializer if handler else None,
+        handler.response_serializer if handler else None,
+    )
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.HealthServicer
+    service_names: tuple[str, ...]
+
+    def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking calls and let in-flight ones finish for up to ``grace`` seconds."""
+        self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def start_server(
+    register: Callable[[grpc.aio.Server], None],
+    service_names: tuple[str, ...],
+    host: str,
+    port: int,
+    security: Security = Security(),
+) -> RunningServer:
+    """Start a server on ``host:port`` (port 0: any free port) with the standard services; health
+    says NOT_SERVING until :meth:`RunningServer.set_serving` (once the models are loaded)."""
+    security.check()
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if security.token:
+        interceptors.append(BearerTokenInterceptor(security.token))
+    interceptors.append(ErrorMappingInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    credentials = security.server_credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    running = RunningServer(server, bound, health_servicer, service_names)
+    running.set_serving(False)
+    return running
+
+
+def open_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channel:
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes())
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """Time to a wall-clock deadline; raises DeadlineExceededError once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.time()
+    if left <= 0:
+        raise DeadlineExceededError("deadline exceeded")
+    return left
+
+
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class GrpcCloudClient:
+    """Steps [0, k) on a remote gateway's CloudDenoiser."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
+        self._stub = pb_grpc.CloudDenoiserStub(channel)
+        self._metadata = call_metadata(token)
+
+    async def denoise(self, request: pb.GenerateRequest, deadline: float | None) -> pb.Handoff:
+        return await _call(self._stub.Denoise, pb.DenoiseRequest(request=request), deadline, self._metadata, "cloud")
+
+
+class GrpcEdgeClient:
+    """Steps [k, N) and the decode on a remote edge worker's EdgeRefiner."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
+        self._stub = pb_grpc.EdgeRefinerStub(channel)
+        self._metadata = call_metadata(token)
+
+    async def refine(self, request: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
+        return await _call(self._stub.Refine, request, deadline, self._metadata, "edge")
+
+
+async def _call(method: Callable[..., Awaitable], request, deadline: float | None, metadata, peer: str):
+    try:
+        return await method(request, timeout=seconds_left(deadline), metadata=metadata)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceededError(f"{peer}: {error.details()}") from error
+        if error.code() == grpc.StatusCode.UNAVAILABLE and peer == "cloud":
+            raise CloudUnavailableError(f"cloud unreachable: {error.details()}") from error
+        raise

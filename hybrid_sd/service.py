@@ -1,0 +1,103 @@
+"""The cloud's and the edge's halves of a served request (protobuf in, protobuf out), and the
+single compute lane each worker runs them on, with deadlines and cancellation between steps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from hybrid_sd.denoise import StepCallback
+from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
+from hybrid_sd.schedulers import loop_index
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.wire import encode_image, handoff_from_pb, handoff_to_pb, request_from_pb, request_to_pb, tensor_to_pb
+
+T = TypeVar("T")
+
+
+class ComputeLane:
+    """Runs model work one request at a time on a worker thread, so the event loop stays free to
+    take calls, health checks and cancellations. A cancelled or expired request stops at the next
+    denoising step and frees the lane."""
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
+        self.busy = False
+
+    async def run(self, work: Callable[[StepCallback], T], deadline: float | None) -> T:
+        stop = threading.Event()
+
+        def check(_step: dict) -> None:
+            if stop.is_set():
+                raise RunCancelledError("request cancelled")
+            if deadline is not None and time.time() > deadline:
+                raise DeadlineExceededError("deadline exceeded during denoising")
+
+        def guarded() -> T:
+            check({})  # a request whose deadline passed in the queue never starts
+            self.busy = True
+            try:
+                return work(check)
+            finally:
+                self.busy = False
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, guarded)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str, callback: StepCallback) -> pb.Handoff:
+    """Steps [0, switch_step) of a request on the large model."""
+    request = denoiser.resolve(request_from_pb(message))
+    started = time.perf_counter()
+    state = denoiser.begin(request)
+    encoded = time.perf_counter()
+    end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
+    state = denoiser.denoise(state, end, callback)
+    denoised = time.perf_counter()
+    handoff = handoff_to_pb(state)
+    handoff.cloud_model = denoiser.name
+    handoff.cloud_replica = replica
+    handoff.cloud_unet_evaluations = end
+    handoff.encode_prompt_seconds = encoded - started
+    handoff.cloud_denoise_seconds = denoised - encoded
+    return handoff
+
+
+def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, callback: StepCallback) -> pb.ImageResult:
+    """The rest of the schedule and the decode on the small model; or, given a request rather
+    than a handoff, the whole schedule (switch_step 0)."""
+    result = pb.ImageResult(edge_worker=worker)
+    started = time.perf_counter()
+    if message.HasField("handoff"):
+        state = handoff_from_pb(message.handoff)
+        denoiser.check_handoff(state)
+        result.handoff_decode_seconds = time.perf_counter() - started
+    else:
+        request = denoiser.resolve(request_from_pb(message.request))
+        state = denoiser.begin(request)
+        result.encode_prompt_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    start_index = state.step_index
+    state = denoiser.denoise(state, state.loop_length, callback)
+    result.edge_denoise_seconds = time.perf_counter() - started
+    result.edge_unet_evaluations = state.loop_length - start_index
+    result.request.CopyFrom(request_to_pb(state.request))
+    started = time.perf_counter()
+    if message.output_format == pb.OUTPUT_FORMAT_LATENTS:
+        result.latents.CopyFrom(tensor_to_pb(state.latents))
+    else:
+        result.image, result.mime_type = encode_image(denoiser.to_image(state.latents), message.output_format)
+    result.vae_decode_seconds = time.perf_counter() - started
+    return result
