@@ -114,7 +114,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
     started_ray = not ray.is_initialized()
     try:
         cloud.attach(await asyncio.to_thread(deploy, config))
-        server.set_serving()
+        await server.set_serving()
         yield server
     finally:
         await server.stop()

@@ -134,7 +134,7 @@ async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
     logger.info("edge worker %s listening on %s:%d", config.name, config.host, server.port)
     try:
         await worker.load()
-        server.set_serving()
+        await server.set_serving()
         yield server
     finally:
         await server.stop()

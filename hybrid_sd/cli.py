@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,8 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a diffusers scheduler class name or an alias ({', '.join(SCHEDULER_ALIASES)});"
         " default: the cloud model's own",
     )
-    models = generate.add_argument_group("models (a preset, or a cloud and an edge model)")
-    models.add_argument("--pair", choices=PAIR_NAMES, help=f"model pair preset (default: {DEFAULT_PAIR})")
+    add_model_arguments(generate)
+    generate.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg or .webp)")
+    generate.add_argument("--latents-out", type=Path, help="write the final latents (key 'latents') here")
+    generate.add_argument("--json", action="store_true", help="print one JSON object with seed, timings, counts")
+    remote = generate.add_argument_group("remote (with --target: a gRPC call to a gateway or an edge worker)")
+    remote.add_argument("--target", help="HOST:PORT of a hybrid-sd server; without it, generate in-process")
+    remote.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    remote.add_argument("--allow-edge-fallback", action="store_true", help="let the edge finish alone if needed")
+    add_client_security_arguments(remote)
+    generate.set_defaults(handler=run_generate)
+
+    from hybrid_sd.cli_serve import add_serving_commands
+
+    add_serving_commands(commands)
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models (a preset, or a cloud and an edge model)")
+    models.add_argument(
+        "--pair",
+        choices=PAIR_NAMES,
+        default=os.environ.get("HYBRID_SD_PAIR"),
+        help=f"model pair preset (default: $HYBRID_SD_PAIR or {DEFAULT_PAIR})",
+    )
     models.add_argument("--cloud-model", help="diffusers pipeline folder or hub ID of the large model")
     models.add_argument("--edge-model", help="diffusers pipeline or UNet folder, or hub ID, of the small model")
     models.add_argument("--edge-vae", help="VAE or tiny decoder for the edge (AutoencoderKL or AutoencoderTiny)")
@@ -53,18 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--edge-shares-text-encoder", action="store_true", help="run the edge on the cloud's text encoders"
     )
-    generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=DTYPES, default="float32")
-    generate.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    generate.add_argument("--latents-out", type=Path, help="write the final latents (key 'latents') here")
-    generate.add_argument("--json", action="store_true", help="print one JSON object with seed, timings, counts")
-    generate.set_defaults(handler=run_generate)
-    return parser
+    models.add_argument("--device", default="cpu")
+    models.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def add_client_security_arguments(parser) -> None:
+    parser.add_argument("--token", default=os.environ.get("HYBRID_SD_TOKEN"), help="bearer token ($HYBRID_SD_TOKEN)")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify a TLS server with")
 
 
 def pair_spec(args: argparse.Namespace) -> PairSpec:
     if args.cloud_model or args.edge_model:
-        if args.pair:
+        if args.pair and args.pair != os.environ.get("HYBRID_SD_PAIR"):
             raise ValueError("--pair cannot be combined with --cloud-model/--edge-model")
         if not (args.cloud_model and args.edge_model):
             raise ValueError("--cloud-model and --edge-model must be given together")
@@ -96,6 +120,9 @@ def run_generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     request.check()  # before loading any model: bad input fails fast
+    if args.target:
+        run_remote_generate(args, request)
+        return
     spec = pair_spec(args)
     import torch
 
@@ -114,6 +141,29 @@ def run_generate(args: argparse.Namespace) -> None:
         print(json.dumps(result.summary()))
     else:
         print(f"wrote {args.out} (seed {result.request.seed}, switch step {result.request.switch_step})")
+
+
+def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) -> None:
+    import asyncio
+
+    from safetensors.torch import save_file
+
+    from hybrid_sd.client import generate_remote, latents_of, response_summary
+    from hybrid_sd.wire import request_to_pb
+
+    message = request_to_pb(request)
+    message.allow_edge_fallback = args.allow_edge_fallback
+    message.include_latents = args.latents_out is not None
+    if args.pair:
+        message.pair = args.pair
+    response = asyncio.run(generate_remote(args.target, message, args.out, args.token, args.tls_ca, args.timeout))
+    if args.latents_out is not None:
+        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents_of(response).contiguous()}, str(args.latents_out))
+    if args.json:
+        print(json.dumps(response_summary(response)))
+    else:
+        print(f"wrote {args.out} (seed {response.seed}, switch step {response.switch_step})")
 
 
 def write_outputs(result: GenerationResult, image_path: Path, latents_path: Path | None) -> None:
@@ -139,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"hybrid-sd: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        import grpc
+
+        if not isinstance(error, grpc.RpcError):
+            raise
+        print(f"hybrid-sd: error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     return 0
 
 

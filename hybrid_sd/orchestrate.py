@@ -70,12 +70,14 @@ async def generate(
             fell_back = True
         cloud_wall = time.perf_counter() - cloud_started
     if handoff is not None:
-        refine = pb.RefineRequest(handoff=handoff, output_format=message.output_format)
+        refine = pb.RefineRequest(handoff=handoff)
     else:
         edge_only = pb.GenerateRequest()
         edge_only.CopyFrom(message)
         edge_only.switch_step = 0
-        refine = pb.RefineRequest(request=edge_only, output_format=message.output_format)
+        refine = pb.RefineRequest(request=edge_only)
+    refine.output_format = message.output_format
+    refine.include_latents = message.include_latents
     progress("edge_denoise", request.switch_step if handoff is not None else 0)
     edge_started = time.perf_counter()
     result = await edge.refine(refine, deadline)

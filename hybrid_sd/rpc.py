@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import os
 import time
@@ -120,7 +121,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 try:
-                    return await inner(request, context)
+                    response = inner(request, context)
+                    return await response if inspect.isawaitable(response) else response
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as error:  # noqa: BLE001 - every error must become a status
@@ -185,17 +187,17 @@ def _unauthenticated_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcM
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     service_names: tuple[str, ...]
 
-    def set_serving(self, serving: bool = True) -> None:
+    async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking calls and let in-flight ones finish for up to ``grace`` seconds."""
-        self.set_serving(False)
+        await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
 
@@ -215,7 +217,7 @@ async def start_server(
     interceptors.append(ErrorMappingInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     register(server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -226,7 +228,7 @@ async def start_server(
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     running = RunningServer(server, bound, health_servicer, service_names)
-    running.set_serving(False)
+    await running.set_serving(False)
     return running
 
 

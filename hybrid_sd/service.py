@@ -95,9 +95,9 @@ def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, call
     result.edge_unet_evaluations = state.loop_length - start_index
     result.request.CopyFrom(request_to_pb(state.request))
     started = time.perf_counter()
-    if message.output_format == pb.OUTPUT_FORMAT_LATENTS:
+    if message.output_format == pb.OUTPUT_FORMAT_LATENTS or message.include_latents:
         result.latents.CopyFrom(tensor_to_pb(state.latents))
-    else:
+    if message.output_format != pb.OUTPUT_FORMAT_LATENTS:
         result.image, result.mime_type = encode_image(denoiser.to_image(state.latents), message.output_format)
     result.vae_decode_seconds = time.perf_counter() - started
     return result

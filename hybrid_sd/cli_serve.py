@@ -1,0 +1,293 @@
+"""``hybrid-sd serve``, ``cluster up`` and ``health``: the serving side of the command line.
+
+Only these entry points reach the worker packages, and only when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_GATEWAY_PORT = 50051
+DEFAULT_EDGE_PORT = 50052
+
+
+def add_serving_commands(commands) -> None:
+    from hybrid_sd.cli import add_client_security_arguments, add_model_arguments
+
+    serve = commands.add_parser("serve", help="run one service").add_subparsers(dest="role", required=True)
+
+    edge = serve.add_parser("edge", help="the edge worker (small model, decoder)")
+    _add_server_arguments(edge, DEFAULT_EDGE_PORT)
+    add_model_arguments(edge)
+    edge.add_argument("--cloud", help="HOST:PORT of the gateway, for requests that start at this edge")
+    edge.add_argument("--cloud-timeout", type=float, help="seconds the cloud half may take before a fallback")
+    edge.add_argument("--cloud-token", default=os.environ.get("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
+    edge.set_defaults(handler=run_serve_edge)
+
+    gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
+    _add_server_arguments(gateway, DEFAULT_GATEWAY_PORT)
+    add_model_arguments(gateway)
+    gateway.add_argument("--edge", required=True, help="HOST:PORT of the edge worker")
+    gateway.add_argument("--edge-token", default=os.environ.get("HYBRID_SD_EDGE_TOKEN"), help="token for --edge")
+    _add_ray_arguments(gateway)
+    gateway.set_defaults(handler=run_serve_gateway)
+
+    cloud = serve.add_parser("cloud", help="a Ray worker node contributing its GPUs to the denoiser replicas")
+    cloud.add_argument("--ray-address", required=True, help="HOST:PORT of the Ray head")
+    cloud.add_argument("--num-gpus", type=int, help="GPUs to offer (default: all Ray finds)")
+    cloud.add_argument("--num-cpus", type=int, help="CPUs to offer (default: all Ray finds)")
+    cloud.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    cloud.set_defaults(handler=run_serve_cloud)
+
+    cluster = commands.add_parser("cluster", help="the whole topology on loopback").add_subparsers(
+        dest="action", required=True
+    )
+    up = cluster.add_parser("up", help="start edge worker and gateway (with a local Ray); Ctrl-C stops them")
+    up.add_argument("--pair", default=os.environ.get("HYBRID_SD_PAIR"), help="model pair preset")
+    up.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port (edge: the next one)")
+    up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")
+    up.add_argument("--out", type=Path, default=Path("out/hybrid.png"), help="image file for --generate")
+    up.add_argument("--switch-step", type=int, help="for --generate")
+    up.add_argument("--steps", type=int, default=25, help="for --generate")
+    up.add_argument("--seed", type=int, help="for --generate")
+    up.set_defaults(handler=run_cluster_up)
+
+    health = commands.add_parser("health", help="exit 0 if a server's gRPC health service says SERVING")
+    health.add_argument("target", help="HOST:PORT")
+    health.add_argument("--service", default="", help="service name (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0)
+    add_client_security_arguments(health)
+    health.set_defaults(handler=run_health)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--token", default=os.environ.get("HYBRID_SD_TOKEN"), help="require this bearer token")
+    parser.add_argument("--tls-cert", type=Path, default=_env_path("HYBRID_SD_TLS_CERT"))
+    parser.add_argument("--tls-key", type=Path, default=_env_path("HYBRID_SD_TLS_KEY"))
+    parser.add_argument("--tls-client-ca", type=Path, default=_env_path("HYBRID_SD_TLS_CLIENT_CA"), help="mTLS")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray-address", help="HOST:PORT of a Ray head to join (default: start Ray here)")
+    parser.add_argument("--ray-num-cpus", type=int, help="CPUs of a Ray started here")
+    parser.add_argument("--replicas", type=int, default=1, help="denoiser replicas (the minimum, with autoscaling)")
+    parser.add_argument("--autoscale-to", type=int, help="autoscale replicas up to this many")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0)
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--max-queued", type=int, default=64, help="requests queued before RESOURCE_EXHAUSTED")
+
+
+def _env_path(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
+
+
+def _security(args: argparse.Namespace):
+    from hybrid_sd.rpc import Security
+
+    security = Security(args.token, args.tls_cert, args.tls_key, args.tls_client_ca)
+    security.check()
+    return security
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in [0, 65535], got {port}")
+
+
+def _check_target(name: str, target: str | None) -> None:
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{name} must be HOST:PORT, got {target!r}")
+
+
+def _pair(args: argparse.Namespace):
+    from hybrid_sd.cli import pair_spec
+    from hybrid_sd.presets import DEFAULT_PAIR
+
+    name = args.pair or (DEFAULT_PAIR if not args.cloud_model else "custom")
+    return name, pair_spec(args)
+
+
+def run_serve_edge(args: argparse.Namespace) -> None:
+    import torch
+
+    from edge_worker.server import EdgeConfig, running_edge
+
+    _check_port(args.port)
+    _check_target("--cloud", args.cloud)
+    _, spec = _pair(args)
+    config = EdgeConfig(
+        spec,
+        host=args.host,
+        port=args.port,
+        cloud=args.cloud,
+        cloud_timeout=args.cloud_timeout,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        security=_security(args),
+        cloud_token=args.cloud_token,
+    )
+    if args.check:
+        print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
+        return
+    asyncio.run(_serve_until_signal(running_edge(config), "edge worker"))
+
+
+def run_serve_gateway(args: argparse.Namespace) -> None:
+    from cloud_worker.deployment import ReplicaConfig
+    from cloud_worker.gateway import GatewayConfig, running_gateway
+
+    _check_port(args.port)
+    _check_target("--edge", args.edge)
+    _check_target("--ray-address", args.ray_address.removeprefix("ray://") if args.ray_address else None)
+    if args.replicas < 1 or (args.autoscale_to is not None and args.autoscale_to < args.replicas):
+        raise ValueError("--replicas must be at least 1 and --autoscale-to at least --replicas")
+    name, spec = _pair(args)
+    config = GatewayConfig(
+        name,
+        spec,
+        args.edge,
+        host=args.host,
+        port=args.port,
+        ray_address=args.ray_address,
+        ray_num_cpus=args.ray_num_cpus,
+        replicas=ReplicaConfig(
+            replicas=args.replicas,
+            gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+            max_queued_requests=args.max_queued,
+            autoscale_to=args.autoscale_to,
+        ),
+        device=args.device,
+        dtype=args.dtype,
+        security=_security(args),
+        edge_token=args.edge_token,
+    )
+    if args.check:
+        print(f"gateway configuration is valid: {spec.cloud} on {args.host}:{args.port}, edge {args.edge}")
+        return
+    asyncio.run(_serve_until_signal(running_gateway(config), "gateway"))
+
+
+def run_serve_cloud(args: argparse.Namespace) -> None:
+    _check_target("--ray-address", args.ray_address)
+    command = ["ray", "start", "--address", args.ray_address, "--block"]
+    if args.num_gpus is not None:
+        command += ["--num-gpus", str(args.num_gpus)]
+    if args.num_cpus is not None:
+        command += ["--num-cpus", str(args.num_cpus)]
+    if args.check:
+        print("cloud node configuration is valid: " + " ".join(command))
+        return
+    os.execvp(command[0], command)
+
+
+async def _serve_until_signal(server_context, what: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with server_context as server:
+        print(f"{what} serving on port {server.port}", flush=True)
+        await stop.wait()
+        print(f"{what} stopping: finishing in-flight requests", flush=True)
+
+
+def run_health(args: argparse.Namespace) -> None:
+    code = asyncio.run(_health(args.target, args.service, args.timeout, args.tls_ca))
+    if code != 0:
+        sys.exit(code)
+
+
+async def _health(target: str, service: str, timeout: float, tls_ca: Path | None) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hybrid_sd.rpc import open_channel
+
+    async with open_channel(target, tls_ca) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            print(f"{target}: {error.code().name} {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def run_cluster_up(args: argparse.Namespace) -> None:
+    """The embedded topology as processes on loopback: an edge worker, and a gateway that starts
+    Ray locally with the denoiser deployment. The edge can reach the gateway too."""
+    _check_port(args.port)
+    gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
+    pair = ["--pair", args.pair] if args.pair else []
+    base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
+    processes = [
+        subprocess.Popen([*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *pair]),
+        subprocess.Popen([*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *pair]),
+    ]
+    try:
+        for target in (edge, gateway):
+            _wait_until_serving(target, processes)
+        print(f"cluster up: gateway {gateway}, edge {edge} (both serve HybridDiffusion)", flush=True)
+        if args.generate is None:
+            signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                while all(process.poll() is None for process in processes):
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+            return
+        _generate_once(gateway, args)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_until_serving(target: str, processes: list[subprocess.Popen], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while asyncio.run(_health(target, "", 2.0, None)) != 0:
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError(f"a cluster process exited before {target} was serving")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{target} was not serving after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _generate_once(gateway: str, args: argparse.Namespace) -> None:
+    from hybrid_sd.client import generate_remote, response_summary
+    from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+
+    request = pb.GenerateRequest(prompt=args.generate, num_inference_steps=args.steps)
+    if args.switch_step is not None:
+        request.switch_step = args.switch_step
+    if args.seed is not None:
+        request.seed = args.seed
+    response = asyncio.run(generate_remote(gateway, request, args.out))
+    print(json.dumps(response_summary(response), indent=2))
+    print(f"wrote {args.out}")
