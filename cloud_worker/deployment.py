@@ -98,7 +98,7 @@ class RayCloudClient:
         except RayTaskError as error:
             if isinstance(error.cause, ValueError | DeadlineExceededError | RunCancelledError):
                 raise error.cause from None  # a bad request or an expired one: the replica is fine
-            raise CloudUnavailableError(f"cloud denoiser failed: {error.cause!r}") from error
+            raise RuntimeError(f"cloud denoiser failed: {error.cause!r}") from error
         except (RayError, RayServeException) as error:
             raise CloudUnavailableError(f"cloud denoiser unavailable: {error}") from error
         return pb.Handoff.FromString(data)

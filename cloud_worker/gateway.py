@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,9 +88,15 @@ def deploy(config: GatewayConfig):
     """Connect to (or start) Ray and run the denoiser application; returns its handle once every
     replica has loaded the model."""
     if not ray.is_initialized():
+        address = config.ray_address
+        if address and not address.startswith("ray://"):
+            # A driver connects through a raylet on its own host: join the cluster as a node that
+            # offers no resources, so every replica runs on the cloud nodes.
+            subprocess.run(["ray", "start", "--address", address, "--num-cpus", "0", "--num-gpus", "0"], check=True)
+            address = "auto"
         ray.init(
-            address=config.ray_address,
-            num_cpus=config.ray_num_cpus if config.ray_address is None else None,
+            address=address,
+            num_cpus=config.ray_num_cpus if address is None else None,
             include_dashboard=False,
             log_to_driver=False,
         )

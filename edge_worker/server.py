@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EdgeConfig:
     pair: PairSpec
+    pair_name: str | None = None  # requests naming another pair are refused
     host: str = "127.0.0.1"
     port: int = 50052
     cloud: str | None = None  # the gateway serving CloudDenoiser, for edge-initiated requests
@@ -108,7 +109,12 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         await _unless_loading(context, self.worker)
         return await orchestrate.generate(
-            request, self.worker.cloud, self.worker, _deadline(context), self._cloud_deadline()
+            request,
+            self.worker.cloud,
+            self.worker,
+            _deadline(context),
+            self._cloud_deadline(),
+            served_pair=self.worker.config.pair_name,
         )
 
     async def GenerateStream(
@@ -116,7 +122,12 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         await _unless_loading(context, self.worker)
         async for event in orchestrate.generate_stream(
-            request, self.worker.cloud, self.worker, _deadline(context), self._cloud_deadline()
+            request,
+            self.worker.cloud,
+            self.worker,
+            _deadline(context),
+            self._cloud_deadline(),
+            served_pair=self.worker.config.pair_name,
         ):
             yield event
 

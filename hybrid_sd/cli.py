@@ -77,7 +77,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument(
         "--edge-shares-text-encoder", action="store_true", help="run the edge on the cloud's text encoders"
     )
-    models.add_argument("--device", default="cpu")
+    models.add_argument("--device", help="torch device (default: cpu; cuda for a gateway with GPU replicas)")
     models.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
@@ -128,7 +128,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from hybrid_sd.pipeline import HybridPipeline
 
-    pipeline = HybridPipeline.from_pair(spec, args.device, getattr(torch, args.dtype))
+    pipeline = HybridPipeline.from_pair(spec, args.device or "cpu", getattr(torch, args.dtype))
     with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
 
         def show_progress(step: dict) -> None:

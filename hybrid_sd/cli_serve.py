@@ -128,14 +128,15 @@ def run_serve_edge(args: argparse.Namespace) -> None:
 
     _check_port(args.port)
     _check_target("--cloud", args.cloud)
-    _, spec = _pair(args)
+    name, spec = _pair(args)
     config = EdgeConfig(
         spec,
+        pair_name=name,
         host=args.host,
         port=args.port,
         cloud=args.cloud,
         cloud_timeout=args.cloud_timeout,
-        device=args.device,
+        device=args.device or "cpu",
         dtype=getattr(torch, args.dtype),
         security=_security(args),
         cloud_token=args.cloud_token,
@@ -171,7 +172,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
             max_queued_requests=args.max_queued,
             autoscale_to=args.autoscale_to,
         ),
-        device=args.device,
+        device=args.device or ("cuda" if args.gpus_per_replica > 0 else "cpu"),
         dtype=args.dtype,
         security=_security(args),
         edge_token=args.edge_token,

@@ -82,7 +82,20 @@ class Denoiser:
             scheduler=request.scheduler or model_scheduler,
         )
         self.check_size(request)
+        self._check_schedule(request)
         return request
+
+    def _check_schedule(self, request: GenerationRequest) -> None:
+        """Refuse a step count the schedule cannot take (e.g. PLMS with as many steps as training
+        timesteps indexes past the end), before any work is done."""
+        scheduler = make_scheduler(request.scheduler, self.pipe.scheduler)
+        scheduler.set_timesteps(request.num_inference_steps)
+        train_steps = scheduler.config.num_train_timesteps
+        if scheduler.timesteps.numel() and not 0 <= float(scheduler.timesteps.max()) < train_steps:
+            raise ValueError(
+                f"num_inference_steps {request.num_inference_steps} is too many for {type(scheduler).__name__}"
+                f" on {train_steps} training timesteps"
+            )
 
     def check_size(self, request: GenerationRequest) -> None:
         for field in ("width", "height"):

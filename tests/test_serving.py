@@ -1,0 +1,226 @@
+"""The served system on loopback: a real edge worker and a real gateway with its Ray Serve denoiser
+(Ray started locally), called over gRPC."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cloud_worker.gateway import GatewayConfig, running_gateway
+from edge_worker.server import EdgeConfig, running_edge
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+from hybrid_sd.wire import request_to_pb, tensor_from_pb, tensor_to_pb
+from tests.serving import LoopThread, channel, free_port
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(loop, pair_specs):
+    """Edge worker and gateway, each pointing at the other."""
+    spec = pair_specs["sd1"]
+    gateway_port = free_port()
+    edge, leave_edge = loop.enter(running_edge(EdgeConfig(spec, "tiny-sd1", port=0, cloud=f"127.0.0.1:{gateway_port}")))
+    gateway, leave_gateway = loop.enter(
+        running_gateway(
+            GatewayConfig("tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2)
+        )
+    )
+    yield {"gateway": gateway.port, "edge": edge.port}
+    leave_gateway()
+    leave_edge()
+
+
+@pytest.fixture(scope="module")
+def engine(pairs):
+    return HybridPipeline(pairs["sd1"])
+
+
+def generate(port: int, timeout: float = 120, **fields) -> pb.GenerateResponse:
+    fields.setdefault("output_format", pb.OUTPUT_FORMAT_LATENTS)
+    return pb_grpc.HybridDiffusionStub(channel(port)).Generate(pb.GenerateRequest(**fields), timeout=timeout)
+
+
+def in_process(engine: HybridPipeline, **fields) -> torch.Tensor:
+    return engine(GenerationRequest(**fields)).latents
+
+
+@pytest.mark.parametrize("entry", ["gateway", "edge"])
+@pytest.mark.parametrize("scheduler", ["dpm++2m", "euler-a", "ddim"])
+@pytest.mark.parametrize("switch_step", [0, STEPS // 2, STEPS])
+def test_exact_across_the_wire(cluster, engine, entry, scheduler, switch_step):
+    fields = dict(
+        prompt="a large red circle above a small blue square",
+        negative_prompt="blurry",
+        switch_step=switch_step,
+        num_inference_steps=STEPS,
+        seed=77,
+        scheduler=scheduler,
+    )
+    response = generate(cluster[entry], **fields)
+    assert torch.equal(tensor_from_pb(response.latents, "latents"), in_process(engine, **fields))
+    assert response.switch_step == switch_step and not response.edge_fallback
+    assert response.cloud_unet_evaluations == switch_step
+    assert response.edge_unet_evaluations == STEPS - switch_step
+    assert (response.handoff_bytes > 0) == (switch_step > 0)
+    assert bool(response.cloud_replica) == (switch_step > 0)
+    assert response.edge_worker.startswith("edge@")
+
+
+def test_image_response_and_stream(cluster):
+    response = generate(cluster["gateway"], prompt="a circle", num_inference_steps=4, seed=1,
+                        output_format=pb.OUTPUT_FORMAT_PNG, include_latents=True)
+    assert response.mime_type == "image/png" and response.image.startswith(b"\x89PNG")
+    assert response.latents.shape == [1, 4, 8, 8]
+    assert response.timings.total >= response.timings.cloud_denoise > 0
+    events = list(
+        pb_grpc.HybridDiffusionStub(channel(cluster["gateway"])).GenerateStream(
+            pb.GenerateRequest(prompt="a circle", num_inference_steps=4, switch_step=2, seed=1), timeout=60
+        )
+    )
+    stages = [event.progress.stage for event in events if event.HasField("progress")]
+    assert stages == ["cloud_denoise", "edge_denoise"]
+    assert events[-1].HasField("result") and events[-1].result.image.startswith(b"\x89PNG")
+
+
+def test_no_cross_talk_between_concurrent_requests(cluster, engine):
+    requests = [
+        dict(prompt=f"shape number {i}", switch_step=i % (STEPS + 1), num_inference_steps=STEPS, seed=1000 + i,
+             scheduler="euler-a")
+        for i in range(16)
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda fields: generate(cluster["gateway"], **fields), requests))
+    for fields, response in zip(requests, responses, strict=True):
+        assert response.seed == fields["seed"] and response.switch_step == fields["switch_step"]
+        assert torch.equal(tensor_from_pb(response.latents, "latents"), in_process(engine, **fields))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(switch_step=9), "switch_step must be in [0, 6], got 9"),
+        (dict(num_inference_steps=0, switch_step=0), "num_inference_steps must be in [1, 1000]"),
+        (dict(width=60), "width must be a multiple of 8"),
+        (dict(scheduler="nope"), "scheduler 'nope' is unknown"),
+        (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
+        (dict(seed=2**63), "seed must be in"),
+        (dict(pair="sdxl-vega"), "pair 'sdxl-vega' is not served here"),
+        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is too many for PNDMScheduler"),
+    ],
+)
+@pytest.mark.parametrize("entry", ["gateway", "edge"])
+def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
+    base = dict(prompt="a circle", num_inference_steps=STEPS, switch_step=3, seed=1)
+    with pytest.raises(grpc.RpcError) as error:
+        generate(cluster[entry], **{**base, **fields})
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+    assert generate(cluster[entry], **base).switch_step == 3  # and the server serves the next one
+
+
+def real_handoff(cluster) -> pb.Handoff:
+    request = request_to_pb(GenerationRequest("a red square", switch_step=3, num_inference_steps=STEPS, seed=4,
+                                              scheduler="dpm++2m"))
+    return pb_grpc.CloudDenoiserStub(channel(cluster["gateway"])).Denoise(pb.DenoiseRequest(request=request))
+
+
+def corrupt(handoff: pb.Handoff, how: str) -> pb.Handoff:
+    bad = pb.Handoff()
+    bad.CopyFrom(handoff)
+    state = json.loads(bad.state_json)
+    latents = tensor_from_pb(bad.tensors["latents"], "latents")
+    if how == "byte count":
+        bad.tensors["latents"].data = bad.tensors["latents"].data[:-4]
+    elif how == "nan":
+        bad.tensors["latents"].CopyFrom(tensor_to_pb(latents.clone().index_fill_(3, torch.tensor([0]), math.nan)))
+    elif how == "inf":
+        bad.tensors["latents"].CopyFrom(tensor_to_pb(latents.clone().fill_(math.inf)))
+    elif how == "latent shape":
+        bad.tensors["latents"].CopyFrom(tensor_to_pb(torch.zeros(1, 4, 4, 8)))
+    elif how == "step index":
+        state["step_index"] = 99
+    elif how == "scheduler":
+        state["scheduler_config"]["_class_name"] = "NoSuchScheduler"
+    elif how == "json":
+        bad.state_json = "{not json"
+        return bad
+    elif how == "latent space":
+        state["latent_space"] = "sdxl"
+    bad.state_json = json.dumps(state)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "code", "message"),
+    [
+        ("byte count", grpc.StatusCode.INVALID_ARGUMENT, "bytes do not match shape"),
+        ("nan", grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        ("inf", grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        ("latent shape", grpc.StatusCode.INVALID_ARGUMENT, "handoff latents have shape (1, 4, 4, 8)"),
+        ("step index", grpc.StatusCode.INVALID_ARGUMENT, "step_index must be in [0, 6], got 99"),
+        ("scheduler", grpc.StatusCode.INVALID_ARGUMENT, "scheduler 'NoSuchScheduler' is unknown"),
+        ("json", grpc.StatusCode.INVALID_ARGUMENT, "state_json is not JSON"),
+        ("latent space", grpc.StatusCode.FAILED_PRECONDITION, "'sdxl' latent space"),
+    ],
+)
+def test_edge_refuses_a_corrupt_handoff(cluster, how, code, message):
+    handoff = real_handoff(cluster)
+    refiner = pb_grpc.EdgeRefinerStub(channel(cluster["edge"]))
+    with pytest.raises(grpc.RpcError) as error:
+        refiner.Refine(pb.RefineRequest(handoff=corrupt(handoff, how)), timeout=60)
+    assert error.value.code() == code
+    assert message in error.value.details()
+    assert refiner.Refine(pb.RefineRequest(handoff=handoff), timeout=60).edge_unet_evaluations == 3
+
+
+def test_health_and_reflection(cluster):
+    for port in cluster.values():
+        status = health_pb2_grpc.HealthStub(channel(port)).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    reply = next(
+        reflection_pb2_grpc.ServerReflectionStub(channel(cluster["edge"])).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+    )
+    names = {service.name for service in reply.list_services_response.service}
+    assert {"hybrid_sd.v1.EdgeRefiner", "hybrid_sd.v1.HybridDiffusion", "grpc.health.v1.Health"} <= names
+
+
+def test_deadline_exceeded_then_next_request_at_once(cluster):
+    with pytest.raises(grpc.RpcError) as error:
+        generate(cluster["gateway"], timeout=0.5, prompt="slow", num_inference_steps=900, switch_step=500, seed=2)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = time.monotonic()
+    generate(cluster["gateway"], prompt="fast", num_inference_steps=2, seed=3)
+    # A 900-step request takes over 10 s here; the workers stopped it within a step or two.
+    assert time.monotonic() - started < 5
+
+
+def test_cancel_mid_denoise_frees_the_worker(cluster):
+    stub = pb_grpc.HybridDiffusionStub(channel(cluster["edge"]))
+    call = stub.Generate.future(pb.GenerateRequest(prompt="slow", num_inference_steps=900, switch_step=0, seed=2))
+    time.sleep(1.0)  # well into the edge's denoising loop
+    call.cancel()
+    started = time.monotonic()
+    generate(cluster["edge"], prompt="fast", num_inference_steps=2, switch_step=0, seed=3)
+    assert time.monotonic() - started < 5
+    assert call.cancelled()
