@@ -1,0 +1,129 @@
+"""The serving command line as a user runs it: processes, ports on loopback, files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.request import GenerationRequest
+from tests.serving import free_port
+
+CLI = [sys.executable, "-m", "hybrid_sd.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wait_serving(target: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while run_cli("health", target, timeout=30).returncode != 0:
+        assert time.monotonic() < deadline, f"{target} never became SERVING"
+        time.sleep(1)
+
+
+def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home, pairs):
+    port = free_port()
+    gateway, edge = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+    cluster = subprocess.Popen([*CLI, "cluster", "up", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_serving(gateway)
+        wait_serving(edge)
+        fields = dict(prompt="a blue triangle", switch_step=3, num_inference_steps=6, seed=21)
+        expected = HybridPipeline(pairs["sd1"])(GenerationRequest(**fields)).latents
+        for target in (gateway, edge):
+            done = run_cli(
+                "generate",
+                "--target",
+                target,
+                "--prompt",
+                fields["prompt"],
+                "--switch-step",
+                "3",
+                "--steps",
+                "6",
+                "--seed",
+                "21",
+                "--out",
+                str(tmp_path / "image.webp"),
+                "--latents-out",
+                str(tmp_path / "latents.safetensors"),
+                "--json",
+            )
+            assert done.returncode == 0, done.stderr
+            summary = json.loads(done.stdout)
+            assert summary["unet_evaluations"] == {"cloud": 4, "edge": 3}  # PLMS: a warm-up evaluation
+            assert summary["handoff_bytes"] > 0 and summary["cloud_replica"]
+            assert (tmp_path / "image.webp").read_bytes()[8:12] == b"WEBP"
+            assert torch.equal(load_file(tmp_path / "latents.safetensors")["latents"], expected)
+        bad = run_cli(
+            "generate",
+            "--target",
+            gateway,
+            "--prompt",
+            "x",
+            "--steps",
+            "4",
+            "--width",
+            "65",
+            "--out",
+            str(tmp_path / "x.png"),
+        )
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "width" in bad.stderr
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        assert cluster.wait(timeout=120) == 0
+
+
+def test_cluster_up_generate_once(tmp_path, model_home):
+    out = tmp_path / "hybrid.png"
+    done = run_cli(
+        "cluster",
+        "up",
+        "--port",
+        str(free_port()),
+        "--generate",
+        "a red circle",
+        "--steps",
+        "5",
+        "--seed",
+        "4",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout[done.stdout.index("{") : done.stdout.rindex("}") + 1])
+    assert summary["seed"] == 4 and summary["switch_step"] == 2
+    assert {"cloud_denoise", "edge_denoise", "vae_decode", "total"} <= set(summary["timings_s"])
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_health_of_nothing_fails():
+    done = run_cli("health", f"127.0.0.1:{free_port()}", "--timeout", "1")
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian) is not installed")
+def test_every_compose_service_command_passes_check(model_home):
+    from tests.test_compose import service_commands
+
+    checked = 0
+    for service, (command, environment) in service_commands().items():
+        if command[0] != "hybrid-sd":
+            continue  # the Ray head runs `ray start`
+        env = {**os.environ, **environment, "HYBRID_SD_HOME": model_home}
+        done = run_cli(*command[1:], "--check", env=env)
+        assert done.returncode == 0, f"{service}: {done.stderr}"
+        assert "valid" in done.stdout
+        checked += 1
+    assert checked == 3  # cloud, gateway, edge
