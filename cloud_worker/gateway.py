@@ -28,7 +28,6 @@ from hybrid_sd.rpc import (
     GrpcEdgeClient,
     RunningServer,
     Security,
-    open_channel,
     start_server,
 )
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
@@ -108,7 +107,7 @@ def deploy(config: GatewayConfig):
 async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]:
     """Serve until the block exits; health turns SERVING once the replicas have loaded the model."""
     cloud = RayCloudClient()
-    edge = GrpcEdgeClient(open_channel(config.edge), config.edge_token)
+    edge = GrpcEdgeClient(config.security.peer_channel(config.edge), config.edge_token)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_HybridDiffusionServicer_to_server(

@@ -30,7 +30,6 @@ from hybrid_sd.rpc import (
     GrpcCloudClient,
     RunningServer,
     Security,
-    open_channel,
     start_server,
 )
 from hybrid_sd.service import ComputeLane, edge_refine
@@ -64,7 +63,7 @@ class EdgeWorker:
         self.lane = ComputeLane()
         self.cloud = None
         if config.cloud:
-            self.cloud = GrpcCloudClient(open_channel(config.cloud), config.cloud_token)
+            self.cloud = GrpcCloudClient(config.security.peer_channel(config.cloud), config.cloud_token)
 
     async def load(self) -> None:
         config = self.config

@@ -75,6 +75,9 @@ def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--tls-cert", type=Path, default=_env_path("HYBRID_SD_TLS_CERT"))
     parser.add_argument("--tls-key", type=Path, default=_env_path("HYBRID_SD_TLS_KEY"))
     parser.add_argument("--tls-client-ca", type=Path, default=_env_path("HYBRID_SD_TLS_CLIENT_CA"), help="mTLS")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=_env_path("HYBRID_SD_TLS_CA"), help="CA of the servers this one calls"
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
 
 
@@ -95,7 +98,7 @@ def _env_path(name: str) -> Path | None:
 def _security(args: argparse.Namespace):
     from hybrid_sd.rpc import Security
 
-    security = Security(args.token, args.tls_cert, args.tls_key, args.tls_client_ca)
+    security = Security(args.token, args.tls_cert, args.tls_key, args.tls_client_ca, args.tls_ca)
     security.check()
     return security
 

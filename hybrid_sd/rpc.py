@@ -43,12 +43,17 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 @dataclass(frozen=True)
 class Security:
-    """Bearer-token auth and TLS (with a client CA: mutual TLS); all off by default."""
+    """Bearer-token auth and TLS (with a client CA: mutual TLS); all off by default.
+
+    ``tls_ca`` verifies the servers this one calls (gateway and edge call each other); when set,
+    those calls present ``tls_cert``/``tls_key`` as the client certificate.
+    """
 
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_ca: Path | None = None
 
     @classmethod
     def from_env(cls) -> Security:
@@ -60,6 +65,7 @@ class Security:
             tls_cert=path("HYBRID_SD_TLS_CERT"),
             tls_key=path("HYBRID_SD_TLS_KEY"),
             tls_client_ca=path("HYBRID_SD_TLS_CLIENT_CA"),
+            tls_ca=path("HYBRID_SD_TLS_CA"),
         )
 
     def check(self) -> None:
@@ -67,7 +73,7 @@ class Security:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a file")
@@ -81,6 +87,10 @@ class Security:
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
+
+    def peer_channel(self, target: str) -> grpc.aio.Channel:
+        """A channel to another hybrid-sd server, with this server's TLS identity when TLS is on."""
+        return open_channel(target, self.tls_ca, self.tls_cert, self.tls_key)
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -232,10 +242,16 @@ async def start_server(
     return running
 
 
-def open_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channel:
+def open_channel(
+    target: str, tls_ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None
+) -> grpc.aio.Channel:
     if tls_ca is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls_ca.read_bytes(),
+        private_key=client_key.read_bytes() if client_key else None,
+        certificate_chain=client_cert.read_bytes() if client_cert else None,
+    )
     return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
 

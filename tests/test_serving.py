@@ -40,9 +40,7 @@ def cluster(loop, pair_specs):
     gateway_port = free_port()
     edge, leave_edge = loop.enter(running_edge(EdgeConfig(spec, "tiny-sd1", port=0, cloud=f"127.0.0.1:{gateway_port}")))
     gateway, leave_gateway = loop.enter(
-        running_gateway(
-            GatewayConfig("tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2)
-        )
+        running_gateway(GatewayConfig("tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2))
     )
     yield {"gateway": gateway.port, "edge": edge.port}
     leave_gateway()
@@ -86,8 +84,14 @@ def test_exact_across_the_wire(cluster, engine, entry, scheduler, switch_step):
 
 
 def test_image_response_and_stream(cluster):
-    response = generate(cluster["gateway"], prompt="a circle", num_inference_steps=4, seed=1,
-                        output_format=pb.OUTPUT_FORMAT_PNG, include_latents=True)
+    response = generate(
+        cluster["gateway"],
+        prompt="a circle",
+        num_inference_steps=4,
+        seed=1,
+        output_format=pb.OUTPUT_FORMAT_PNG,
+        include_latents=True,
+    )
     assert response.mime_type == "image/png" and response.image.startswith(b"\x89PNG")
     assert response.latents.shape == [1, 4, 8, 8]
     assert response.timings.total >= response.timings.cloud_denoise > 0
@@ -103,8 +107,13 @@ def test_image_response_and_stream(cluster):
 
 def test_no_cross_talk_between_concurrent_requests(cluster, engine):
     requests = [
-        dict(prompt=f"shape number {i}", switch_step=i % (STEPS + 1), num_inference_steps=STEPS, seed=1000 + i,
-             scheduler="euler-a")
+        dict(
+            prompt=f"shape number {i}",
+            switch_step=i % (STEPS + 1),
+            num_inference_steps=STEPS,
+            seed=1000 + i,
+            scheduler="euler-a",
+        )
         for i in range(16)
     ]
     with ThreadPoolExecutor(16) as pool:
@@ -138,8 +147,9 @@ def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
 
 
 def real_handoff(cluster) -> pb.Handoff:
-    request = request_to_pb(GenerationRequest("a red square", switch_step=3, num_inference_steps=STEPS, seed=4,
-                                              scheduler="dpm++2m"))
+    request = request_to_pb(
+        GenerationRequest("a red square", switch_step=3, num_inference_steps=STEPS, seed=4, scheduler="dpm++2m")
+    )
     return pb_grpc.CloudDenoiserStub(channel(cluster["gateway"])).Denoise(pb.DenoiseRequest(request=request))
 
 

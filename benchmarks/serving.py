@@ -1,0 +1,210 @@
+"""Serving benchmarks: distribution overhead, handoff bytes, and cloud throughput.
+
+- overhead: one request through gateway -> Ray replica -> gRPC -> edge worker, against the
+  in-process engine for the same request, interleaved, medians (tiny pair; SD 1.5 architecture
+  with random weights at 256x256 with --sd15).
+- bytes: the Handoff message for real model shapes (SD 1.x at 512x512, SDXL at 1024x1024) in
+  fp32 and fp16, mid-run with DPM-Solver++ 2M (two history tensors).
+- throughput: requests per second with 8 concurrent clients against one at a time, for 1 and 2
+  denoiser replicas (all requests at switch_step = N, so the cloud does all denoising).
+
+    .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.engine_overhead import sd15_random_pipeline  # noqa: E402
+from cloud_worker.deployment import ReplicaConfig  # noqa: E402
+from cloud_worker.gateway import GatewayConfig, running_gateway  # noqa: E402
+from edge_worker.server import EdgeConfig, running_edge  # noqa: E402
+from hybrid_sd.conditioning import Conditioning  # noqa: E402
+from hybrid_sd.denoiser import Denoiser  # noqa: E402
+from hybrid_sd.pairs import ModelPair, load_pair, preset  # noqa: E402
+from hybrid_sd.pipeline import HybridPipeline  # noqa: E402
+from hybrid_sd.presets import PairSpec  # noqa: E402
+from hybrid_sd.request import GenerationRequest  # noqa: E402
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb  # noqa: E402
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc  # noqa: E402
+from hybrid_sd.wire import handoff_to_pb, request_to_pb  # noqa: E402
+from tests.serving import LoopThread, channel, free_port  # noqa: E402
+
+
+def served_cluster(loop: LoopThread, spec: PairSpec, replicas: int = 1):
+    edge, leave_edge = loop.enter(running_edge(EdgeConfig(spec, port=0)))
+    gateway, leave_gateway = loop.enter(
+        running_gateway(
+            GatewayConfig("bench", spec, f"127.0.0.1:{edge.port}", port=free_port(), replicas=ReplicaConfig(replicas))
+        )
+    )
+
+    def leave() -> None:
+        leave_gateway()
+        leave_edge()
+
+    return pb_grpc.HybridDiffusionStub(channel(gateway.port)), leave
+
+
+def overhead(name: str, engine: HybridPipeline, spec: PairSpec, request: GenerationRequest, repeats: int) -> dict:
+    loop = LoopThread()
+    stub, leave = served_cluster(loop, spec)
+    message = request_to_pb(request)
+    message.output_format = pb.OUTPUT_FORMAT_PNG
+    try:
+        engine(request), stub.Generate(message)  # warm-up
+        local, served, handoff_bytes = [], [], 0
+        for i in range(repeats):
+            order = ["local", "served"] if i % 2 == 0 else ["served", "local"]
+            for side in order:
+                started = time.perf_counter()
+                if side == "local":
+                    engine(request)
+                    local.append(time.perf_counter() - started)
+                else:
+                    handoff_bytes = stub.Generate(message).handoff_bytes
+                    served.append(time.perf_counter() - started)
+    finally:
+        leave()
+        loop.close()
+    local_median, served_median = statistics.median(local), statistics.median(served)
+    return {
+        "case": name,
+        "in_process_s": local_median,
+        "served_s": served_median,
+        "ratio": served_median / local_median,
+        "added_ms": 1000 * (served_median - local_median),
+        "handoff_bytes": handoff_bytes,
+        "in_process_all_s": local,
+        "served_all_s": served,
+    }
+
+
+def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
+    """Handoff size for the real models' shapes: a tiny model's mid-run DPM++ 2M state at the
+    real latent size, with conditioning of the real text encoders' widths."""
+    pair = load_pair(preset(f"tiny-{family}"))
+    request = pair.cloud.resolve(
+        GenerationRequest(
+            "a photo", switch_step=10, num_inference_steps=25, seed=0, width=size, height=size, scheduler="dpm++2m"
+        )
+    )
+    state = pair.cloud.denoise(pair.cloud.begin(request), 10)
+    width = 768 if family == "sd1" else 2048
+    embeds = torch.zeros(1, 77, width, dtype=dtype)
+    conditioning = Conditioning("fingerprint", embeds, embeds.clone())
+    if family == "sdxl":
+        pooled = torch.zeros(1, 1280, dtype=dtype)
+        conditioning = Conditioning(
+            "fingerprint", embeds, embeds.clone(), pooled, pooled.clone(), torch.zeros(1, 6, dtype=dtype)
+        )
+    state.conditioning = conditioning
+    state.latents = state.latents.to(dtype)
+    state.sampler_state["model_outputs"] = [output.to(dtype) for output in state.sampler_state["model_outputs"]]
+    message = handoff_to_pb(state)
+    tensors = {name: len(tensor.data) for name, tensor in message.tensors.items()}
+    return {
+        "case": f"{family} {size}x{size} {str(dtype).removeprefix('torch.')}",
+        "handoff_bytes": message.ByteSize(),
+        "latents_bytes": tensors["latents"],
+        "conditioning_bytes": sum(v for k, v in tensors.items() if k.startswith("conditioning.")),
+        "sampler_bytes": sum(v for k, v in tensors.items() if k.startswith("sampler.")),
+    }
+
+
+def throughput(spec: PairSpec, replicas: int, requests: int = 16) -> dict:
+    loop = LoopThread()
+    stub, leave = served_cluster(loop, spec, replicas)
+
+    def call(seed: int) -> None:
+        stub.Generate(
+            pb.GenerateRequest(prompt="a circle", num_inference_steps=25, switch_step=25, seed=seed, scheduler="euler")
+        )
+
+    try:
+        call(0)
+        started = time.perf_counter()
+        for seed in range(requests):
+            call(seed)
+        sequential = requests / (time.perf_counter() - started)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(call, range(requests)))
+        concurrent = requests / (time.perf_counter() - started)
+    finally:
+        leave()
+        loop.close()
+    return {"replicas": replicas, "sequential_rps": sequential, "concurrent8_rps": concurrent}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny-repeats", type=int, default=20)
+    parser.add_argument("--sd15", action="store_true", help="also the SD 1.5-architecture overhead (minutes)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
+    args = parser.parse_args()
+    results: dict = {}
+
+    tiny = preset("tiny-sd1")
+    request = GenerationRequest("a red circle above a blue square", switch_step=10, num_inference_steps=25, seed=0)
+    results["overhead"] = [
+        overhead("tiny pair, 64x64, 25 steps, k=10", HybridPipeline(load_pair(tiny)), tiny, request, args.tiny_repeats)
+    ]
+    if args.sd15:
+        with tempfile.TemporaryDirectory() as folder:
+            pipe = sd15_random_pipeline()
+            pipe.save_pretrained(folder)
+            engine = HybridPipeline(ModelPair(Denoiser(pipe, folder), Denoiser(pipe, folder)))
+            request = GenerationRequest(
+                "a red circle above a blue square", switch_step=4, num_inference_steps=10, seed=0, width=256, height=256
+            )
+            results["overhead"].append(
+                overhead(
+                    "SD1.5 architecture (both sides), 256x256, 10 steps, k=4",
+                    engine,
+                    PairSpec(folder, folder),
+                    request,
+                    args.repeats,
+                )
+            )
+    results["bytes"] = [
+        handoff_bytes(family, size, dtype)
+        for family, size in (("sd1", 512), ("sdxl", 1024))
+        for dtype in (torch.float32, torch.float16)
+    ]
+    results["throughput"] = [throughput(tiny, replicas) for replicas in (1, 2)]
+
+    print(f"{'overhead':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}")
+    for row in results["overhead"]:
+        print(
+            f"{row['case']:58} {row['in_process_s']:13.3f} {row['served_s']:9.3f} {row['ratio']:6.3f}"
+            f" {row['added_ms']:9.1f}"
+        )
+    print(f"\n{'handoff':24} {'total B':>10} {'latents':>9} {'conditioning':>13} {'sampler':>9}")
+    for row in results["bytes"]:
+        print(
+            f"{row['case']:24} {row['handoff_bytes']:10d} {row['latents_bytes']:9d}"
+            f" {row['conditioning_bytes']:13d} {row['sampler_bytes']:9d}"
+        )
+    print(f"\n{'replicas':>8} {'sequential rps':>15} {'8 clients rps':>14}")
+    for row in results["throughput"]:
+        print(f"{row['replicas']:8d} {row['sequential_rps']:15.2f} {row['concurrent8_rps']:14.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
