@@ -15,51 +15,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine_overhead import sd15_random_pipeline  # noqa: E402
-from cloud_worker.deployment import ReplicaConfig  # noqa: E402
-from cloud_worker.gateway import GatewayConfig, running_gateway  # noqa: E402
-from edge_worker.server import EdgeConfig, running_edge  # noqa: E402
 from hybrid_sd.conditioning import Conditioning  # noqa: E402
 from hybrid_sd.denoiser import Denoiser  # noqa: E402
 from hybrid_sd.pairs import ModelPair, load_pair, preset  # noqa: E402
 from hybrid_sd.pipeline import HybridPipeline  # noqa: E402
-from hybrid_sd.presets import PairSpec  # noqa: E402
 from hybrid_sd.request import GenerationRequest  # noqa: E402
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb  # noqa: E402
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc  # noqa: E402
 from hybrid_sd.wire import handoff_to_pb, request_to_pb  # noqa: E402
-from tests.serving import LoopThread, channel, free_port  # noqa: E402
+from tests.serving import channel, free_port  # noqa: E402
 
 
-def served_cluster(loop: LoopThread, spec: PairSpec, replicas: int = 1):
-    edge, leave_edge = loop.enter(running_edge(EdgeConfig(spec, port=0)))
-    gateway, leave_gateway = loop.enter(
-        running_gateway(
-            GatewayConfig("bench", spec, f"127.0.0.1:{edge.port}", port=free_port(), replicas=ReplicaConfig(replicas))
-        )
-    )
+def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None = None):
+    """``hybrid-sd cluster up`` as processes (edge worker, gateway, Ray replicas), as users run it;
+    this process only makes gRPC calls. Returns a Generate stub and a function that stops it."""
+    port = free_port()
+    command = [sys.executable, "-m", "hybrid_sd.cli", "cluster", "up", "--port", str(port), "--replicas", str(replicas)]
+    if torch_threads:
+        command += ["--torch-threads", str(torch_threads)]
+    cluster = subprocess.Popen([*command, *pair], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    health = health_pb2_grpc.HealthStub(channel(port))
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
+                break
+        except grpc.RpcError:
+            pass
+        if cluster.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not come up")
+        time.sleep(1)
 
     def leave() -> None:
-        leave_gateway()
-        leave_edge()
+        cluster.send_signal(signal.SIGTERM)
+        cluster.wait(120)
 
-    return pb_grpc.HybridDiffusionStub(channel(gateway.port)), leave
+    return pb_grpc.HybridDiffusionStub(channel(port)), leave
 
 
-def overhead(name: str, engine: HybridPipeline, spec: PairSpec, request: GenerationRequest, repeats: int) -> dict:
-    loop = LoopThread()
-    stub, leave = served_cluster(loop, spec)
+def overhead(name: str, engine: HybridPipeline, pair: list[str], request: GenerationRequest, repeats: int) -> dict:
+    stub, leave = served_cluster(pair)
     message = request_to_pb(request)
     message.output_format = pb.OUTPUT_FORMAT_PNG
     try:
@@ -77,7 +91,6 @@ def overhead(name: str, engine: HybridPipeline, spec: PairSpec, request: Generat
                     served.append(time.perf_counter() - started)
     finally:
         leave()
-        loop.close()
     local_median, served_median = statistics.median(local), statistics.median(served)
     return {
         "case": name,
@@ -123,9 +136,9 @@ def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
     }
 
 
-def throughput(spec: PairSpec, replicas: int, requests: int = 16) -> dict:
-    loop = LoopThread()
-    stub, leave = served_cluster(loop, spec, replicas)
+def throughput(replicas: int, requests: int = 16) -> dict:
+    # One intra-op thread per process: replicas and the edge share this machine's cores.
+    stub, leave = served_cluster([], replicas, torch_threads=1)
 
     def call(seed: int) -> None:
         stub.Generate(
@@ -144,7 +157,6 @@ def throughput(spec: PairSpec, replicas: int, requests: int = 16) -> dict:
         concurrent = requests / (time.perf_counter() - started)
     finally:
         leave()
-        loop.close()
     return {"replicas": replicas, "sequential_rps": sequential, "concurrent8_rps": concurrent}
 
 
@@ -160,7 +172,7 @@ def main() -> None:
     tiny = preset("tiny-sd1")
     request = GenerationRequest("a red circle above a blue square", switch_step=10, num_inference_steps=25, seed=0)
     results["overhead"] = [
-        overhead("tiny pair, 64x64, 25 steps, k=10", HybridPipeline(load_pair(tiny)), tiny, request, args.tiny_repeats)
+        overhead("tiny pair, 64x64, 25 steps, k=10", HybridPipeline(load_pair(tiny)), [], request, args.tiny_repeats)
     ]
     if args.sd15:
         with tempfile.TemporaryDirectory() as folder:
@@ -174,7 +186,7 @@ def main() -> None:
                 overhead(
                     "SD1.5 architecture (both sides), 256x256, 10 steps, k=4",
                     engine,
-                    PairSpec(folder, folder),
+                    ["--cloud-model", folder, "--edge-model", folder],
                     request,
                     args.repeats,
                 )
@@ -184,7 +196,7 @@ def main() -> None:
         for family, size in (("sd1", 512), ("sdxl", 1024))
         for dtype in (torch.float32, torch.float16)
     ]
-    results["throughput"] = [throughput(tiny, replicas) for replicas in (1, 2)]
+    results["throughput"] = [throughput(replicas) for replicas in (1, 2)]
 
     print(f"{'overhead':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}")
     for row in results["overhead"]:

@@ -24,7 +24,10 @@ from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 APP_NAME = "hybrid-sd-cloud"
 
 
-@serve.deployment(name="CloudDenoiser", max_ongoing_requests=1)
+# A replica denoises one request at a time (its ComputeLane) but accepts a few more, so the next one
+# is already waiting when the lane frees: measured 1.04x the sequential rate with 8 clients on one
+# replica, against 0.63x when Serve's router held every request until the replica was idle.
+@serve.deployment(name="CloudDenoiser", max_ongoing_requests=4)
 class CloudDenoiserDeployment:
     """One replica holds the large model and denoises one request at a time."""
 

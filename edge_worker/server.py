@@ -51,6 +51,7 @@ class EdgeConfig:
     dtype: torch.dtype = torch.float32
     security: Security = field(default_factory=Security)
     cloud_token: str | None = None
+    torch_threads: int | None = None  # intra-op threads; must match the cloud's for a bit-exact split
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
 
@@ -58,6 +59,8 @@ class EdgeWorker:
     """The edge's model, its compute lane, and its link to the cloud."""
 
     def __init__(self, config: EdgeConfig):
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         self.config = config
         self.denoiser: Denoiser | None = None
         self.lane = ComputeLane()

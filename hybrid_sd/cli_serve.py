@@ -17,6 +17,7 @@ from pathlib import Path
 
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_EDGE_PORT = 50052
+THREADS_HELP = "torch intra-op threads (default: torch's); cloud and edge need the same for a bit-exact split"
 
 
 def add_serving_commands(commands) -> None:
@@ -30,6 +31,7 @@ def add_serving_commands(commands) -> None:
     edge.add_argument("--cloud", help="HOST:PORT of the gateway, for requests that start at this edge")
     edge.add_argument("--cloud-timeout", type=float, help="seconds the cloud half may take before a fallback")
     edge.add_argument("--cloud-token", default=os.environ.get("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
+    edge.add_argument("--torch-threads", type=int, help=THREADS_HELP)
     edge.set_defaults(handler=run_serve_edge)
 
     gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
@@ -53,6 +55,8 @@ def add_serving_commands(commands) -> None:
     up = cluster.add_parser("up", help="start edge worker and gateway (with a local Ray); Ctrl-C stops them")
     up.add_argument("--pair", default=os.environ.get("HYBRID_SD_PAIR"), help="model pair preset")
     up.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port (edge: the next one)")
+    up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
+    up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
     up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")
     up.add_argument("--out", type=Path, default=Path("out/hybrid.png"), help="image file for --generate")
     up.add_argument("--switch-step", type=int, help="for --generate")
@@ -89,6 +93,7 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--max-queued", type=int, default=64, help="requests queued before RESOURCE_EXHAUSTED")
+    parser.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (per replica)")
 
 
 def _env_path(name: str) -> Path | None:
@@ -114,6 +119,12 @@ def _check_target(name: str, target: str | None) -> None:
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"{name} must be HOST:PORT, got {target!r}")
+
+
+def _positive(flag: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be at least 1, got {value}")
+    return value
 
 
 def _pair(args: argparse.Namespace):
@@ -143,6 +154,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         dtype=getattr(torch, args.dtype),
         security=_security(args),
         cloud_token=args.cloud_token,
+        torch_threads=_positive("--torch-threads", args.torch_threads),
     )
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
@@ -174,6 +186,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
             cpus_per_replica=args.cpus_per_replica,
             max_queued_requests=args.max_queued,
             autoscale_to=args.autoscale_to,
+            **({"torch_threads": _positive("--torch-threads", args.torch_threads)} if args.torch_threads else {}),
         ),
         device=args.device or ("cuda" if args.gpus_per_replica > 0 else "cpu"),
         dtype=args.dtype,
@@ -240,11 +253,26 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     Ray locally with the denoiser deployment. The edge can reach the gateway too."""
     _check_port(args.port)
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
-    pair = ["--pair", args.pair] if args.pair else []
+    common = ["--pair", args.pair] if args.pair else []
+    if args.torch_threads:
+        common += ["--torch-threads", str(args.torch_threads)]
     base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
     processes = [
-        subprocess.Popen([*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *pair]),
-        subprocess.Popen([*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *pair]),
+        subprocess.Popen([*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]),
+        subprocess.Popen(
+            [
+                *base,
+                "serve",
+                "gateway",
+                "--port",
+                str(args.port),
+                "--edge",
+                edge,
+                "--replicas",
+                str(args.replicas),
+                *common,
+            ]
+        ),
     ]
     try:
         for target in (edge, gateway):
