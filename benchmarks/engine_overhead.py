@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import make_scheduler
 from hybrid_sd.tiny_models import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reference import pipeline_kwargs  # noqa: E402  (the repository root is not a package)
 
 # Architecture of runwayml/stable-diffusion-v1-5 (unet/, vae/ and CLIP ViT-L/14 text configs).
 SD15_UNET = dict(
@@ -81,16 +85,7 @@ def sd15_random_pipeline() -> StableDiffusionPipeline:
 
 
 def diffusers_call(pipe: DiffusionPipeline, request: GenerationRequest):
-    return pipe(
-        request.prompt,
-        negative_prompt=request.negative_prompt,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        height=request.height,
-        width=request.width,
-        output_type="pil",
-    ).images[0]
+    return pipe(**pipeline_kwargs(request), output_type="pil").images[0]
 
 
 def measure(name: str, engine: HybridPipeline, reference: DiffusionPipeline, request: GenerationRequest, repeats: int):

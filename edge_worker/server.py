@@ -104,33 +104,26 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
     def __init__(self, worker: EdgeWorker):
         self.worker = worker
 
-    def _cloud_deadline(self) -> float | None:
+    def _orchestration(self, context: grpc.aio.ServicerContext) -> dict:
+        """Arguments of orchestrate.generate(_stream) for a call: clients, deadlines, pair."""
         timeout = self.worker.config.cloud_timeout
-        return None if timeout is None else time.time() + timeout
+        return dict(
+            cloud=self.worker.cloud,
+            edge=self.worker,
+            deadline=_deadline(context),
+            cloud_deadline=None if timeout is None else time.time() + timeout,
+            served_pair=self.worker.config.pair_name,
+        )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         await _unless_loading(context, self.worker)
-        return await orchestrate.generate(
-            request,
-            self.worker.cloud,
-            self.worker,
-            _deadline(context),
-            self._cloud_deadline(),
-            served_pair=self.worker.config.pair_name,
-        )
+        return await orchestrate.generate(request, **self._orchestration(context))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         await _unless_loading(context, self.worker)
-        async for event in orchestrate.generate_stream(
-            request,
-            self.worker.cloud,
-            self.worker,
-            _deadline(context),
-            self._cloud_deadline(),
-            served_pair=self.worker.config.pair_name,
-        ):
+        async for event in orchestrate.generate_stream(request, **self._orchestration(context)):
             yield event
 
 

@@ -11,6 +11,20 @@ from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import make_scheduler
 
 
+def pipeline_kwargs(request: GenerationRequest) -> dict:
+    """diffusers ``__call__`` arguments for a resolved request (a CPU generator, as the engine uses)."""
+    return dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        guidance_rescale=request.guidance_rescale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        height=request.height,
+        width=request.width,
+    )
+
+
 def reference_run(
     pipe: DiffusionPipeline,
     request: GenerationRequest,
@@ -35,14 +49,7 @@ def reference_run(
         return {}
 
     return pipe(
-        request.prompt,
-        negative_prompt=request.negative_prompt,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        guidance_rescale=request.guidance_rescale,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        height=request.height,
-        width=request.width,
+        **pipeline_kwargs(request),
         output_type=output_type,
         callback_on_step_end=swap_models,
         callback_on_step_end_tensor_inputs=["latents", *(edge_embeds or {})],

@@ -13,20 +13,12 @@ from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import make_scheduler
 from tests.conftest import load_reference
+from tests.reference import pipeline_kwargs
 
 
 def diffusers_output(pipe, request: GenerationRequest, output_type: str):
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler)
-    return pipe(
-        request.prompt,
-        negative_prompt=request.negative_prompt,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        height=request.height,
-        width=request.width,
-        output_type=output_type,
-    ).images
+    return pipe(**pipeline_kwargs(request), output_type=output_type).images
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
