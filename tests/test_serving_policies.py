@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import threading
+import time
 
 import grpc
 import pytest
@@ -167,3 +168,15 @@ def test_mutual_tls(loop, pair_specs, tmp_path):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
     finally:
         leave()
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(loop, pair_specs):
+    edge, leave = loop.enter(running_edge(EdgeConfig(pair_specs["sd1"], port=0)))
+    stub = pb_grpc.HybridDiffusionStub(channel(edge.port))
+    call = stub.Generate.future(request(switch_step=0, num_inference_steps=60), timeout=120)
+    time.sleep(0.5)  # the request is denoising
+    leave()  # SIGTERM's path: stop taking calls, let in-flight ones finish
+    assert call.result().edge_unet_evaluations == 60
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Generate(request(switch_step=0), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
