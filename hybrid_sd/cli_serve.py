@@ -53,7 +53,7 @@ def add_serving_commands(commands) -> None:
         dest="action", required=True
     )
     up = cluster.add_parser("up", help="start edge worker and gateway (with a local Ray); Ctrl-C stops them")
-    up.add_argument("--pair", default=os.environ.get("HYBRID_SD_PAIR"), help="model pair preset")
+    add_model_arguments(up)
     up.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port (edge: the next one)")
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
@@ -253,7 +253,7 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     Ray locally with the denoiser deployment. The edge can reach the gateway too."""
     _check_port(args.port)
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
-    common = ["--pair", args.pair] if args.pair else []
+    common = _model_flags(args)
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
     base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
@@ -295,6 +295,18 @@ def run_cluster_up(args: argparse.Namespace) -> None:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    """The model arguments of ``cluster up``, for the serve commands it starts."""
+    flags = []
+    for name in ("pair", "cloud_model", "edge_model", "edge_vae", "edge_vae_latent_space", "device", "dtype"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    if args.edge_shares_text_encoder:
+        flags.append("--edge-shares-text-encoder")
+    return flags
 
 
 def _interrupt(signum, frame) -> None:

@@ -234,3 +234,17 @@ def test_cancel_mid_denoise_frees_the_worker(cluster):
     generate(cluster["edge"], prompt="fast", num_inference_steps=2, switch_step=0, seed=3)
     assert time.monotonic() - started < 5
     assert call.cancelled()
+
+
+def test_edge_falls_back_when_the_cloud_is_late(loop, cluster, pair_specs):
+    late_cloud = EdgeConfig(pair_specs["sd1"], port=0, cloud=f"127.0.0.1:{cluster['gateway']}", cloud_timeout=0.3)
+    edge, leave = loop.enter(running_edge(late_cloud))
+    try:
+        slow = dict(prompt="a circle", num_inference_steps=150, switch_step=150, seed=5, scheduler="euler")
+        response = generate(edge.port, allow_edge_fallback=True, **slow)
+        assert response.edge_fallback and response.switch_step == 0 and response.edge_unet_evaluations == 150
+        with pytest.raises(grpc.RpcError) as error:
+            generate(edge.port, **slow)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        leave()
