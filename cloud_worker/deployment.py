@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 from functools import partial
 
 import torch
@@ -17,7 +18,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError, QueueFullError, RunCancelledError
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
-from hybrid_sd.rpc import seconds_left
+from hybrid_sd.rpc import ProgressCallback, seconds_left
 from hybrid_sd.service import ComputeLane, cloud_denoise
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 
@@ -39,10 +40,19 @@ class CloudDenoiserDeployment:
         self.lane = ComputeLane()
         self.replica = serve.get_replica_context().replica_tag
 
+    def _work(self, request: bytes):
+        return partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
+
     async def denoise(self, request: bytes, deadline: float | None) -> bytes:
-        message = pb.GenerateRequest.FromString(request)
-        work = partial(cloud_denoise, self.denoiser, message, self.replica)
-        return (await self.lane.run(work, deadline)).SerializeToString()
+        return (await self.lane.run(self._work(request), deadline)).SerializeToString()
+
+    async def denoise_stream(self, request: bytes, deadline: float | None) -> AsyncIterator[bytes]:
+        """Serialized DenoiseEvents: one per UNet evaluation, then the handoff."""
+        async for item in self.lane.stream(self._work(request), deadline, "cloud_denoise"):
+            if isinstance(item, pb.Progress):
+                yield pb.DenoiseEvent(progress=item).SerializeToString()
+            else:
+                yield pb.DenoiseEvent(handoff=item).SerializeToString()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +94,19 @@ class RayCloudClient:
     def attach(self, handle) -> None:
         self._handle = handle
 
-    async def denoise(self, request: pb.GenerateRequest, deadline: float | None) -> pb.Handoff:
+    async def denoise(
+        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.Handoff:
         if self._handle is None:
             raise CloudUnavailableError("the cloud denoiser is still deploying")
-        response = self._handle.denoise.remote(request.SerializeToString(), deadline)
+        if on_progress is None:
+            response = self._handle.denoise.remote(request.SerializeToString(), deadline)
+            receive = response
+        else:
+            response = self._handle.options(stream=True).denoise_stream.remote(request.SerializeToString(), deadline)
+            receive = _handoff_after_progress(response, on_progress)
         try:
-            data = await asyncio.wait_for(response, timeout=seconds_left(deadline))
+            data = await asyncio.wait_for(receive, timeout=seconds_left(deadline))
         except TimeoutError as error:
             response.cancel()
             raise DeadlineExceededError("deadline exceeded waiting for the cloud denoiser") from error
@@ -105,3 +122,13 @@ class RayCloudClient:
         except (RayError, RayServeException) as error:
             raise CloudUnavailableError(f"cloud denoiser unavailable: {error}") from error
         return pb.Handoff.FromString(data)
+
+
+async def _handoff_after_progress(events, on_progress: ProgressCallback) -> bytes:
+    """Report the stream's progress events; return the handoff's bytes."""
+    async for data in events:
+        event = pb.DenoiseEvent.FromString(data)
+        if event.HasField("handoff"):
+            return event.handoff.SerializeToString()
+        on_progress(event.progress)
+    raise CloudUnavailableError("the cloud denoiser's stream ended without a handoff")

@@ -30,6 +30,7 @@ from hybrid_sd.rpc import (
     Security,
     start_server,
 )
+from hybrid_sd.service import merge_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 
@@ -81,6 +82,17 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
 
     async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
         return await self.cloud.denoise(request.request, _deadline(context))
+
+    async def DenoiseStream(
+        self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DenoiseEvent]:
+        events: asyncio.Queue[pb.Progress] = asyncio.Queue()
+        handoff = self.cloud.denoise(request.request, _deadline(context), events.put_nowait)
+        async for item in merge_progress(handoff, events):
+            if isinstance(item, pb.Progress):
+                yield pb.DenoiseEvent(progress=item)
+            else:
+                yield pb.DenoiseEvent(handoff=item)
 
 
 def deploy(config: GatewayConfig):

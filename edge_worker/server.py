@@ -28,6 +28,7 @@ from hybrid_sd.rpc import (
     EDGE_REFINER,
     HYBRID_DIFFUSION,
     GrpcCloudClient,
+    ProgressCallback,
     RunningServer,
     Security,
     start_server,
@@ -73,10 +74,29 @@ class EdgeWorker:
         self.denoiser = await asyncio.to_thread(load_edge, config.pair, config.device, config.dtype)
         logger.info("edge model %s loaded", config.pair.edge)
 
-    async def refine(self, message: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
+    def _work(self, message: pb.RefineRequest):
         if self.denoiser is None:
             raise RuntimeError("the edge model is not loaded")
-        return await self.lane.run(partial(edge_refine, self.denoiser, message, self.config.name), deadline)
+        return partial(edge_refine, self.denoiser, message, self.config.name)
+
+    async def refine(
+        self, message: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.ImageResult:
+        """The in-process EdgeClient of edge-initiated requests, and the body of Refine."""
+        if on_progress is None:
+            return await self.lane.run(self._work(message), deadline)
+        async for item in self.lane.stream(self._work(message), deadline, "edge_denoise"):
+            if isinstance(item, pb.Progress):
+                on_progress(item)
+            else:
+                return item
+
+    async def refine_stream(self, message: pb.RefineRequest, deadline: float | None) -> AsyncIterator[pb.RefineEvent]:
+        async for item in self.lane.stream(self._work(message), deadline, "edge_denoise"):
+            if isinstance(item, pb.Progress):
+                yield pb.RefineEvent(progress=item)
+            else:
+                yield pb.RefineEvent(result=item)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -96,6 +116,13 @@ class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
     async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
         await _unless_loading(context, self.worker)
         return await self.worker.refine(request, _deadline(context))
+
+    async def RefineStream(
+        self, request: pb.RefineRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RefineEvent]:
+        await _unless_loading(context, self.worker)
+        async for event in self.worker.refine_stream(request, _deadline(context)):
+            yield event
 
 
 class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):

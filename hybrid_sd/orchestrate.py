@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError
+from hybrid_sd.rpc import ProgressCallback
+from hybrid_sd.service import merge_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.wire import request_from_pb, request_to_pb
 
@@ -21,13 +23,18 @@ logger = logging.getLogger(__name__)
 
 
 class CloudClient(Protocol):
-    async def denoise(self, request: pb.GenerateRequest, deadline: float | None) -> pb.Handoff:
-        """Steps [0, switch_step) of ``request``; raises CloudUnavailableError if unreachable."""
+    async def denoise(
+        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.Handoff:
+        """Steps [0, switch_step) of ``request``; raises CloudUnavailableError if unreachable.
+        With ``on_progress``, reports every UNet evaluation."""
 
 
 class EdgeClient(Protocol):
-    async def refine(self, request: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
-        """The rest of the schedule and the decode."""
+    async def refine(
+        self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.ImageResult:
+        """The rest of the schedule and the decode; with ``on_progress``, reports every evaluation."""
 
 
 async def generate(
@@ -36,33 +43,29 @@ async def generate(
     edge: EdgeClient,
     deadline: float | None = None,
     cloud_deadline: float | None = None,
-    on_progress: Callable[[pb.Progress], None] | None = None,
+    on_progress: ProgressCallback | None = None,
     served_pair: str | None = None,
 ) -> pb.GenerateResponse:
     """Serve one request. ``deadline`` is the caller's (wall clock); ``cloud_deadline``, if earlier,
     bounds the cloud half so that an edge fallback still has time to run. ``on_progress`` hears of
-    each stage as it starts. A request naming a pair other than ``served_pair`` is refused."""
+    every UNet evaluation on either side. A request naming a pair other than ``served_pair`` is
+    refused."""
     started = time.perf_counter()
     if message.pair and served_pair and message.pair != served_pair:
         raise ValueError(f"pair {message.pair!r} is not served here; this server runs {served_pair!r}")
     request = request_from_pb(message).with_defaults()  # ValueError names a bad field
     message = request_to_pb(request, message)
 
-    def progress(stage: str, step: int) -> None:
-        if on_progress is not None:
-            on_progress(pb.Progress(stage=stage, step=step, total=request.num_inference_steps))
-
     handoff: pb.Handoff | None = None
     fell_back = False
     cloud_wall = 0.0
     if request.switch_step > 0:
         cloud_started = time.perf_counter()
-        progress("cloud_denoise", 0)
         try:
             if cloud is None:
                 raise CloudUnavailableError("no cloud denoiser is configured")
             limit = min(d for d in (deadline, cloud_deadline) if d is not None) if deadline or cloud_deadline else None
-            handoff = await cloud.denoise(message, limit)
+            handoff = await cloud.denoise(message, limit, on_progress)
         except (CloudUnavailableError, DeadlineExceededError) as error:
             if not message.allow_edge_fallback or (deadline is not None and time.time() >= deadline):
                 raise
@@ -78,9 +81,8 @@ async def generate(
         refine = pb.RefineRequest(request=edge_only)
     refine.output_format = message.output_format
     refine.include_latents = message.include_latents
-    progress("edge_denoise", request.switch_step if handoff is not None else 0)
     edge_started = time.perf_counter()
-    result = await edge.refine(refine, deadline)
+    result = await edge.refine(refine, deadline, on_progress)
     edge_wall = time.perf_counter() - edge_started
     return _response(message, handoff, result, fell_back, cloud_wall, edge_wall, time.perf_counter() - started)
 
@@ -93,22 +95,14 @@ async def generate_stream(
     cloud_deadline: float | None = None,
     served_pair: str | None = None,
 ) -> AsyncIterator[pb.GenerateEvent]:
-    """:func:`generate` as a stream: a progress event as each stage starts, then the result."""
+    """:func:`generate` as a stream: a progress event per UNet evaluation, then the result."""
     events: asyncio.Queue[pb.Progress] = asyncio.Queue()
-    task = asyncio.ensure_future(
-        generate(message, cloud, edge, deadline, cloud_deadline, events.put_nowait, served_pair)
-    )
-    try:
-        while not task.done() or not events.empty():
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield pb.GenerateEvent(progress=getter.result())
-            else:
-                getter.cancel()
-        yield pb.GenerateEvent(result=task.result())
-    finally:
-        task.cancel()
+    result = generate(message, cloud, edge, deadline, cloud_deadline, events.put_nowait, served_pair)
+    async for item in merge_progress(result, events):
+        if isinstance(item, pb.Progress):
+            yield pb.GenerateEvent(progress=item)
+        else:
+            yield pb.GenerateEvent(result=item)
 
 
 def _response(

@@ -4,12 +4,13 @@ and error mapping; channels and the remote cloud and edge clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from hybrid_sd.errors import (
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import MAX_MESSAGE_BYTES
+
+ProgressCallback = Callable[[pb.Progress], None]
 
 logger = logging.getLogger(__name__)
 
@@ -269,9 +272,6 @@ def seconds_left(deadline: float | None) -> float | None:
     return left
 
 
-_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
 class GrpcCloudClient:
     """Steps [0, k) on a remote gateway's CloudDenoiser."""
 
@@ -279,8 +279,19 @@ class GrpcCloudClient:
         self._stub = pb_grpc.CloudDenoiserStub(channel)
         self._metadata = call_metadata(token)
 
-    async def denoise(self, request: pb.GenerateRequest, deadline: float | None) -> pb.Handoff:
-        return await _call(self._stub.Denoise, pb.DenoiseRequest(request=request), deadline, self._metadata, "cloud")
+    async def denoise(
+        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.Handoff:
+        message = pb.DenoiseRequest(request=request)
+        with _peer_errors("cloud"):
+            if on_progress is None:
+                return await self._stub.Denoise(message, timeout=seconds_left(deadline), metadata=self._metadata)
+            stream = self._stub.DenoiseStream(message, timeout=seconds_left(deadline), metadata=self._metadata)
+            async for event in stream:
+                if event.HasField("handoff"):
+                    return event.handoff
+                on_progress(event.progress)
+        raise CloudUnavailableError("the cloud's stream ended without a handoff")
 
 
 class GrpcEdgeClient:
@@ -290,13 +301,26 @@ class GrpcEdgeClient:
         self._stub = pb_grpc.EdgeRefinerStub(channel)
         self._metadata = call_metadata(token)
 
-    async def refine(self, request: pb.RefineRequest, deadline: float | None) -> pb.ImageResult:
-        return await _call(self._stub.Refine, request, deadline, self._metadata, "edge")
+    async def refine(
+        self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.ImageResult:
+        with _peer_errors("edge"):
+            if on_progress is None:
+                return await self._stub.Refine(request, timeout=seconds_left(deadline), metadata=self._metadata)
+            stream = self._stub.RefineStream(request, timeout=seconds_left(deadline), metadata=self._metadata)
+            async for event in stream:
+                if event.HasField("result"):
+                    return event.result
+                on_progress(event.progress)
+        raise RuntimeError("the edge's stream ended without a result")
 
 
-async def _call(method: Callable[..., Awaitable], request, deadline: float | None, metadata, peer: str):
+@contextlib.contextmanager
+def _peer_errors(peer: str):
+    """A peer's DEADLINE_EXCEEDED, and an unreachable cloud, as library errors (which decide a
+    fallback); any other status passes through unchanged."""
     try:
-        return await method(request, timeout=seconds_left(deadline), metadata=metadata)
+        yield
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise DeadlineExceededError(f"{peer}: {error.details()}") from error

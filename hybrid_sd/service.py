@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -29,14 +29,20 @@ class ComputeLane:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.busy = False
 
-    async def run(self, work: Callable[[StepCallback], T], deadline: float | None) -> T:
+    async def run(
+        self, work: Callable[[StepCallback], T], deadline: float | None, on_step: StepCallback | None = None
+    ) -> T:
+        """Run ``work(callback)`` on the lane; ``on_step`` hears of every step, on the event loop."""
         stop = threading.Event()
+        loop = asyncio.get_running_loop()
 
-        def check(_step: dict) -> None:
+        def check(step: dict) -> None:
             if stop.is_set():
                 raise RunCancelledError("request cancelled")
             if deadline is not None and time.time() > deadline:
                 raise DeadlineExceededError("deadline exceeded during denoising")
+            if on_step is not None and step:
+                loop.call_soon_threadsafe(on_step, step)
 
         def guarded() -> T:
             check({})  # a request whose deadline passed in the queue never starts
@@ -46,15 +52,46 @@ class ComputeLane:
             finally:
                 self.busy = False
 
-        future = asyncio.get_running_loop().run_in_executor(self._executor, guarded)
+        future = loop.run_in_executor(self._executor, guarded)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             stop.set()
             raise
 
+    async def stream(
+        self, work: Callable[[StepCallback], T], deadline: float | None, stage: str
+    ) -> AsyncIterator[pb.Progress | T]:
+        """:meth:`run` as a stream: a Progress per UNet evaluation, then the result."""
+        events: asyncio.Queue[pb.Progress] = asyncio.Queue()
+
+        def on_step(step: dict) -> None:
+            events.put_nowait(pb.Progress(stage=stage, step=step["step"] + 1, total=step["total"]))
+
+        async for item in merge_progress(self.run(work, deadline, on_step), events):
+            yield item
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def merge_progress(result: Awaitable[T], events: asyncio.Queue) -> AsyncIterator[pb.Progress | T]:
+    """Yield what arrives on ``events`` while ``result`` runs, then its value (or its error)."""
+    task = asyncio.ensure_future(result)
+    try:
+        while True:
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield task.result()
+            return
+    finally:
+        task.cancel()
 
 
 def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str, callback: StepCallback) -> pb.Handoff:

@@ -95,13 +95,21 @@ def test_image_response_and_stream(cluster):
     assert response.mime_type == "image/png" and response.image.startswith(b"\x89PNG")
     assert response.latents.shape == [1, 4, 8, 8]
     assert response.timings.total >= response.timings.cloud_denoise > 0
+
+
+@pytest.mark.parametrize("entry", ["gateway", "edge"])
+def test_stream_reports_every_unet_evaluation(cluster, entry):
     events = list(
-        pb_grpc.HybridDiffusionStub(channel(cluster["gateway"])).GenerateStream(
+        pb_grpc.HybridDiffusionStub(channel(cluster[entry])).GenerateStream(
             pb.GenerateRequest(prompt="a circle", num_inference_steps=4, switch_step=2, seed=1), timeout=60
         )
     )
-    stages = [event.progress.stage for event in events if event.HasField("progress")]
-    assert stages == ["cloud_denoise", "edge_denoise"]
+    progress = [(event.progress.stage, event.progress.step, event.progress.total) for event in events[:-1]]
+    # PLMS: 5 evaluations for 4 steps; switch step 2 ends after evaluation 3.
+    assert progress == [("cloud_denoise", step, 5) for step in (1, 2, 3)] + [
+        ("edge_denoise", 4, 5),
+        ("edge_denoise", 5, 5),
+    ]
     assert events[-1].HasField("result") and events[-1].result.image.startswith(b"\x89PNG")
 
 
