@@ -64,7 +64,7 @@ async def generate(
         try:
             if cloud is None:
                 raise CloudUnavailableError("no cloud denoiser is configured")
-            limit = min(d for d in (deadline, cloud_deadline) if d is not None) if deadline or cloud_deadline else None
+            limit = min((d for d in (deadline, cloud_deadline) if d is not None), default=None)
             handoff = await cloud.denoise(message, limit, on_progress)
         except (CloudUnavailableError, DeadlineExceededError) as error:
             if not message.allow_edge_fallback or (deadline is not None and time.time() >= deadline):
