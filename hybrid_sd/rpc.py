@@ -284,14 +284,10 @@ class GrpcCloudClient:
     ) -> pb.Handoff:
         message = pb.DenoiseRequest(request=request)
         with _peer_errors("cloud"):
-            if on_progress is None:
-                return await self._stub.Denoise(message, timeout=seconds_left(deadline), metadata=self._metadata)
-            stream = self._stub.DenoiseStream(message, timeout=seconds_left(deadline), metadata=self._metadata)
-            async for event in stream:
-                if event.HasField("handoff"):
-                    return event.handoff
-                on_progress(event.progress)
-        raise CloudUnavailableError("the cloud's stream ended without a handoff")
+            stub = self._stub
+            return await _reporting_call(
+                stub.Denoise, stub.DenoiseStream, message, deadline, self._metadata, on_progress, "handoff"
+            )
 
 
 class GrpcEdgeClient:
@@ -305,14 +301,22 @@ class GrpcEdgeClient:
         self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.ImageResult:
         with _peer_errors("edge"):
-            if on_progress is None:
-                return await self._stub.Refine(request, timeout=seconds_left(deadline), metadata=self._metadata)
-            stream = self._stub.RefineStream(request, timeout=seconds_left(deadline), metadata=self._metadata)
-            async for event in stream:
-                if event.HasField("result"):
-                    return event.result
-                on_progress(event.progress)
-        raise RuntimeError("the edge's stream ended without a result")
+            stub = self._stub
+            return await _reporting_call(
+                stub.Refine, stub.RefineStream, request, deadline, self._metadata, on_progress, "result"
+            )
+
+
+async def _reporting_call(unary, streaming, message, deadline, metadata, on_progress, final_field: str):
+    """The unary call, or, to report progress, its streaming twin: hand each progress event to
+    ``on_progress`` and return the final message."""
+    if on_progress is None:
+        return await unary(message, timeout=seconds_left(deadline), metadata=metadata)
+    async for event in streaming(message, timeout=seconds_left(deadline), metadata=metadata):
+        if event.HasField(final_field):
+            return getattr(event, final_field)
+        on_progress(event.progress)
+    raise RuntimeError(f"the stream ended without its {final_field}")
 
 
 @contextlib.contextmanager
