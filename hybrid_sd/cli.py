@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=run_generate)
 
     from hybrid_sd.cli_serve import add_serving_commands
+    from hybrid_sd.cli_sweep import add_sweep_command
 
     add_serving_commands(commands)
+    add_sweep_command(commands)
     return parser
 
 

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy
+import PIL.Image
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -256,3 +259,35 @@ def test_edge_falls_back_when_the_cloud_is_late(loop, cluster, pair_specs):
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         leave()
+
+
+def test_sweep_against_the_live_cluster(cluster, engine, tmp_path):
+    from hybrid_sd.sweep import SweepConfig, remote_runner, run_sweep
+
+    prompts = ["a small green triangle", "a large red circle above a small blue square"]
+    config = SweepConfig([0, 2], prompts, [3], 4, "euler", 7.5, tmp_path)
+    summary = run_sweep(config, remote_runner(f"127.0.0.1:{cluster['gateway']}"), progress=False)
+    with open(tmp_path / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted((int(row["prompt_index"]), int(row["switch_step"])) for row in rows) == [
+        (0, 0),
+        (0, 2),
+        (0, 4),
+        (1, 0),
+        (1, 2),
+        (1, 4),
+    ]
+    assert all(int(row["cloud_unet_evaluations"]) == int(row["switch_step"]) for row in rows)
+    assert set(summary["switch_steps"]) == {"0", "2", "4"}
+    for row in rows:  # the served image is the in-process engine's, pixel for pixel
+        request = GenerationRequest(
+            prompts[int(row["prompt_index"])],
+            switch_step=int(row["switch_step"]),
+            num_inference_steps=4,
+            seed=3,
+            scheduler="euler",
+        )
+        expected = numpy.asarray(engine(request).image)
+        assert numpy.array_equal(numpy.asarray(PIL.Image.open(tmp_path / row["image"]).convert("RGB")), expected)
+    for name in ("summary.json", "quality_vs_k.png", "cost_vs_k.png", "grid.png", "report.md"):
+        assert (tmp_path / name).exists()

@@ -1,0 +1,163 @@
+"""``hybrid-sd sweep``: the rows, summary, plots and report it writes, resuming, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import Counter
+
+import PIL.Image
+import pytest
+
+from hybrid_sd.cli_sweep import add_sweep_command
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.sweep import COLUMNS, SweepConfig, in_process_runner, run_sweep
+
+STEPS = 4
+KS = [0, 2, 4]
+PROMPTS = ["a large red circle above a small blue square", "a small green triangle"]
+
+
+class Interrupted(Exception):
+    """Raised by a runner to stop a sweep part-way."""
+
+
+@pytest.fixture(scope="module")
+def runner(pairs):
+    return in_process_runner(HybridPipeline(pairs["sd1"]))
+
+
+def make_config(out, seeds=(0,), **changes) -> SweepConfig:
+    fields = dict(
+        switch_steps=KS,
+        prompts=PROMPTS,
+        seeds=list(seeds),
+        num_inference_steps=STEPS,
+        scheduler="euler",  # no PLMS warm-up evaluation: cloud evaluations == k
+        guidance_scale=7.5,
+        out=out,
+    )
+    return SweepConfig(**(fields | changes))
+
+
+def read_rows(out) -> list[dict]:
+    with open(out / "results.csv", newline="") as file:
+        reader = csv.DictReader(file)
+        assert tuple(reader.fieldnames) == COLUMNS
+        return list(reader)
+
+
+def keys(rows) -> list[tuple[str, str, str]]:
+    return [(row["prompt_index"], row["seed"], row["switch_step"]) for row in rows]
+
+
+def test_sweep_writes_rows_summary_plots_and_report(tmp_path, runner):
+    summary = run_sweep(make_config(tmp_path, seeds=(0, 1)), runner, progress=False)
+    rows = read_rows(tmp_path)
+    assert len(rows) == len(PROMPTS) * 2 * len(KS)
+    assert len(set(keys(rows))) == len(rows)
+    for row in rows:
+        k = int(row["switch_step"])
+        assert int(row["cloud_unet_evaluations"]) == k
+        assert int(row["edge_unet_evaluations"]) == STEPS - k
+        assert (int(row["handoff_bytes"]) > 0) == (k > 0)
+        assert 0.0 <= float(row["adherence"]) <= 1.0  # both prompts are shapes captions
+        assert float(row["t_total_s"]) > 0
+        if k == STEPS:
+            assert row["psnr"] == "" and float(row["ssim"]) == 1.0
+        else:
+            assert float(row["psnr"]) > 0 and -1.0 <= float(row["ssim"]) <= 1.0
+        assert PIL.Image.open(tmp_path / row["image"]).size == (64, 64)
+
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written == summary
+    assert set(written["switch_steps"]) == {str(k) for k in KS}
+    for k in KS:
+        entry = written["switch_steps"][str(k)]
+        assert entry["n"] == len(PROMPTS) * 2
+        assert entry["cloud_fraction"] == pytest.approx(k / STEPS)
+        for column in ("adherence", "ssim", "t_total_s", "cloud_unet_evaluations"):
+            stats = entry["metrics"][column]
+            assert stats["n"] == len(PROMPTS) * 2
+            assert stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
+    assert "psnr" not in written["switch_steps"][str(STEPS)]["metrics"]
+
+    for name in ("quality_vs_k.png", "cost_vs_k.png", "grid.png"):
+        with PIL.Image.open(tmp_path / name) as image:
+            image.verify()
+    assert PIL.Image.open(tmp_path / "grid.png").size == (32 + 64 * len(KS), 16 + 64 * len(PROMPTS))
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"({name})" in report for name in ("quality_vs_k.png", "cost_vs_k.png", "grid.png"))
+
+
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path, runner):
+    calls = []
+
+    def interrupted(request):
+        if len(calls) == 3:
+            raise Interrupted
+        calls.append(request)
+        return runner(request)
+
+    # k = 4, the reference, is added to the grid: the fourth call, p0's k = 2, fails.
+    config = make_config(tmp_path, switch_steps=[0, 1, 2, 3])
+    with pytest.raises(Interrupted):
+        run_sweep(config, interrupted, progress=False)
+    assert len(read_rows(tmp_path)) == 3
+
+    resumed = []
+
+    def counting(request):
+        resumed.append((request.prompt, request.seed, request.switch_step))
+        return runner(request)
+
+    run_sweep(config, counting, progress=False)
+    rows = read_rows(tmp_path)
+    assert len(rows) == len(PROMPTS) * 5
+    assert not [key for key, count in Counter(keys(rows)).items() if count > 1]
+    first = {(request.prompt, request.seed, request.switch_step) for request in calls}
+    assert len(resumed) == len(rows) - len(first) and not first & set(resumed)
+    assert resumed[0] == (PROMPTS[0], 0, 2)  # scored against the reference read back from disk
+    assert all(row["ssim"] != "" for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"switch_steps": [0, 5]}, "switch_steps"),
+        ({"switch_steps": [2, 2]}, "switch_steps"),
+        ({"prompts": []}, "prompts"),
+        ({"seeds": []}, "seeds"),
+        ({"seeds": [-1]}, "seeds"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, changes, field):
+    with pytest.raises(ValueError, match=field):
+        make_config(tmp_path, **changes)
+
+
+def sweep_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_sweep_command(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["sweep", *argv])
+
+
+def test_cli_sweep_in_process(tmp_path, capsys, pair_specs):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small green triangle\n\n")
+    out = tmp_path / "sweep"
+    args = sweep_args(
+        "--switch-steps", "0,2", "--prompts", str(prompts), "--seeds", "3", "--steps", "2", "--scheduler", "euler",
+        "--out", str(out),
+    )  # fmt: skip
+    args.handler(args)
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed
+    assert (out / "report.md").exists()
+    assert len(read_rows(out)) == 2
+
+    with pytest.raises(ValueError, match="--seeds"):
+        bad = sweep_args("--switch-steps", "0", "--prompts", str(prompts), "--seeds", "1,x", "--out", str(out))
+        bad.handler(bad)
