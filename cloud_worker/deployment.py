@@ -19,7 +19,7 @@ from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError, Queue
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.rpc import ProgressCallback, seconds_left
-from hybrid_sd.service import ComputeLane, cloud_denoise
+from hybrid_sd.service import ComputeLane, as_events, cloud_denoise, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 
 APP_NAME = "hybrid-sd-cloud"
@@ -40,19 +40,20 @@ class CloudDenoiserDeployment:
         self.lane = ComputeLane()
         self.replica = serve.get_replica_context().replica_tag
 
-    def _work(self, request: bytes):
-        return partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
+    async def _denoise(
+        self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.Handoff:
+        work = partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
+        return await self.lane.run(work, deadline, on_progress, "cloud_denoise")
 
     async def denoise(self, request: bytes, deadline: float | None) -> bytes:
-        return (await self.lane.run(self._work(request), deadline)).SerializeToString()
+        return (await self._denoise(request, deadline)).SerializeToString()
 
     async def denoise_stream(self, request: bytes, deadline: float | None) -> AsyncIterator[bytes]:
         """Serialized DenoiseEvents: one per UNet evaluation, then the handoff."""
-        async for item in self.lane.stream(self._work(request), deadline, "cloud_denoise"):
-            if isinstance(item, pb.Progress):
-                yield pb.DenoiseEvent(progress=item).SerializeToString()
-            else:
-                yield pb.DenoiseEvent(handoff=item).SerializeToString()
+        events = as_events(with_progress(partial(self._denoise, request, deadline)), pb.DenoiseEvent, "handoff")
+        async for event in events:
+            yield event.SerializeToString()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import ray
@@ -30,7 +31,7 @@ from hybrid_sd.rpc import (
     Security,
     start_server,
 )
-from hybrid_sd.service import merge_progress
+from hybrid_sd.service import as_events, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 
@@ -86,13 +87,9 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
     async def DenoiseStream(
         self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DenoiseEvent]:
-        events: asyncio.Queue[pb.Progress] = asyncio.Queue()
-        handoff = self.cloud.denoise(request.request, _deadline(context), events.put_nowait)
-        async for item in merge_progress(handoff, events):
-            if isinstance(item, pb.Progress):
-                yield pb.DenoiseEvent(progress=item)
-            else:
-                yield pb.DenoiseEvent(handoff=item)
+        call = partial(self.cloud.denoise, request.request, _deadline(context))
+        async for event in as_events(with_progress(call), pb.DenoiseEvent, "handoff"):
+            yield event
 
 
 def deploy(config: GatewayConfig):

@@ -33,7 +33,7 @@ from hybrid_sd.rpc import (
     Security,
     start_server,
 )
-from hybrid_sd.service import ComputeLane, edge_refine
+from hybrid_sd.service import ComputeLane, as_events, edge_refine, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 
@@ -82,21 +82,11 @@ class EdgeWorker:
     async def refine(
         self, message: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.ImageResult:
-        """The in-process EdgeClient of edge-initiated requests, and the body of Refine."""
-        if on_progress is None:
-            return await self.lane.run(self._work(message), deadline)
-        async for item in self.lane.stream(self._work(message), deadline, "edge_denoise"):
-            if isinstance(item, pb.Progress):
-                on_progress(item)
-            else:
-                return item
-
-    async def refine_stream(self, message: pb.RefineRequest, deadline: float | None) -> AsyncIterator[pb.RefineEvent]:
-        async for item in self.lane.stream(self._work(message), deadline, "edge_denoise"):
-            if isinstance(item, pb.Progress):
-                yield pb.RefineEvent(progress=item)
-            else:
-                yield pb.RefineEvent(result=item)
+        """The in-process EdgeClient of edge-initiated requests, and the body of Refine(Stream)."""
+        if self.denoiser is None:
+            raise RuntimeError("the edge model is not loaded")
+        work = partial(edge_refine, self.denoiser, message, self.config.name)
+        return await self.lane.run(work, deadline, on_progress, "edge_denoise")
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -121,7 +111,8 @@ class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
         self, request: pb.RefineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RefineEvent]:
         await _unless_loading(context, self.worker)
-        async for event in self.worker.refine_stream(request, _deadline(context)):
+        call = partial(self.worker.refine, request, _deadline(context))
+        async for event in as_events(with_progress(call), pb.RefineEvent, "result"):
             yield event
 
 

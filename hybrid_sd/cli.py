@@ -148,8 +148,6 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) -> None:
     import asyncio
 
-    from safetensors.torch import save_file
-
     from hybrid_sd.client import generate_remote, latents_of, response_summary
     from hybrid_sd.wire import request_to_pb
 
@@ -160,8 +158,7 @@ def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) ->
         message.pair = args.pair
     response = asyncio.run(generate_remote(args.target, message, args.out, args.token, args.tls_ca, args.timeout))
     if args.latents_out is not None:
-        args.latents_out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents_of(response).contiguous()}, str(args.latents_out))
+        save_latents(latents_of(response), args.latents_out)
     if args.json:
         print(json.dumps(response_summary(response)))
     else:
@@ -169,13 +166,18 @@ def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) ->
 
 
 def write_outputs(result: GenerationResult, image_path: Path, latents_path: Path | None) -> None:
-    from safetensors.torch import save_file
-
     image_path.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(image_path, format="PNG")
     if latents_path is not None:
-        latents_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": result.latents.detach().cpu().contiguous()}, str(latents_path))
+        save_latents(result.latents, latents_path)
+
+
+def save_latents(latents, path: Path) -> None:
+    """``--latents-out``: the final latents as safetensors, key ``latents``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.detach().cpu().contiguous()}, str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,15 +7,15 @@ the cloud, the handoff, steps [k, N) and the decode on the edge, or the edge alo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Protocol
 
 from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError
 from hybrid_sd.rpc import ProgressCallback
-from hybrid_sd.service import merge_progress
+from hybrid_sd.service import as_events, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.wire import request_from_pb, request_to_pb
 
@@ -96,13 +96,9 @@ async def generate_stream(
     served_pair: str | None = None,
 ) -> AsyncIterator[pb.GenerateEvent]:
     """:func:`generate` as a stream: a progress event per UNet evaluation, then the result."""
-    events: asyncio.Queue[pb.Progress] = asyncio.Queue()
-    result = generate(message, cloud, edge, deadline, cloud_deadline, events.put_nowait, served_pair)
-    async for item in merge_progress(result, events):
-        if isinstance(item, pb.Progress):
-            yield pb.GenerateEvent(progress=item)
-        else:
-            yield pb.GenerateEvent(result=item)
+    call = partial(generate, message, cloud, edge, deadline, cloud_deadline, served_pair=served_pair)
+    async for event in as_events(with_progress(call), pb.GenerateEvent, "result"):
+        yield event
 
 
 def _response(

@@ -13,6 +13,7 @@ from typing import TypeVar
 from hybrid_sd.denoise import StepCallback
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
+from hybrid_sd.rpc import ProgressCallback
 from hybrid_sd.schedulers import loop_index
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.wire import encode_image, handoff_from_pb, handoff_to_pb, request_from_pb, request_to_pb, tensor_to_pb
@@ -27,12 +28,16 @@ class ComputeLane:
 
     def __init__(self):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
-        self.busy = False
 
     async def run(
-        self, work: Callable[[StepCallback], T], deadline: float | None, on_step: StepCallback | None = None
+        self,
+        work: Callable[[StepCallback], T],
+        deadline: float | None,
+        on_progress: ProgressCallback | None = None,
+        stage: str = "",
     ) -> T:
-        """Run ``work(callback)`` on the lane; ``on_step`` hears of every step, on the event loop."""
+        """Run ``work(callback)`` on the lane; ``on_progress`` hears of every UNet evaluation (as
+        ``stage``), on the event loop."""
         stop = threading.Event()
         loop = asyncio.get_running_loop()
 
@@ -41,16 +46,13 @@ class ComputeLane:
                 raise RunCancelledError("request cancelled")
             if deadline is not None and time.time() > deadline:
                 raise DeadlineExceededError("deadline exceeded during denoising")
-            if on_step is not None and step:
-                loop.call_soon_threadsafe(on_step, step)
+            if on_progress is not None and step:
+                progress = pb.Progress(stage=stage, step=step["step"] + 1, total=step["total"])
+                loop.call_soon_threadsafe(on_progress, progress)
 
         def guarded() -> T:
             check({})  # a request whose deadline passed in the queue never starts
-            self.busy = True
-            try:
-                return work(check)
-            finally:
-                self.busy = False
+            return work(check)
 
         future = loop.run_in_executor(self._executor, guarded)
         try:
@@ -59,25 +61,15 @@ class ComputeLane:
             stop.set()
             raise
 
-    async def stream(
-        self, work: Callable[[StepCallback], T], deadline: float | None, stage: str
-    ) -> AsyncIterator[pb.Progress | T]:
-        """:meth:`run` as a stream: a Progress per UNet evaluation, then the result."""
-        events: asyncio.Queue[pb.Progress] = asyncio.Queue()
-
-        def on_step(step: dict) -> None:
-            events.put_nowait(pb.Progress(stage=stage, step=step["step"] + 1, total=step["total"]))
-
-        async for item in merge_progress(self.run(work, deadline, on_step), events):
-            yield item
-
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-async def merge_progress(result: Awaitable[T], events: asyncio.Queue) -> AsyncIterator[pb.Progress | T]:
-    """Yield what arrives on ``events`` while ``result`` runs, then its value (or its error)."""
-    task = asyncio.ensure_future(result)
+async def with_progress(call: Callable[..., Awaitable[T]]) -> AsyncIterator[pb.Progress | T]:
+    """Turn ``call(on_progress=...)`` into a stream: its progress events as they come, then its
+    value (or its error)."""
+    events: asyncio.Queue[pb.Progress] = asyncio.Queue()
+    task = asyncio.ensure_future(call(on_progress=events.put_nowait))
     try:
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -92,6 +84,16 @@ async def merge_progress(result: Awaitable[T], events: asyncio.Queue) -> AsyncIt
             return
     finally:
         task.cancel()
+
+
+async def as_events(items: AsyncIterator[pb.Progress | T], event_type: type, final_field: str) -> AsyncIterator:
+    """Wrap a progress-then-result stream in ``event_type``, a message with a oneof of
+    ``progress`` and ``final_field``."""
+    async for item in items:
+        if isinstance(item, pb.Progress):
+            yield event_type(progress=item)
+        else:
+            yield event_type(**{final_field: item})
 
 
 def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str, callback: StepCallback) -> pb.Handoff:
