@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from hybrid_sd.metrics import psnr, ssim
 from hybrid_sd.request import MAX_SEED, GenerationRequest
 from hybrid_sd.shapes.adherence import parse_caption, score
 
@@ -262,7 +261,7 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
         reference_path = config.out / "images" / f"p{index}_s{seed}_k{config.num_inference_steps}.png"
         with Image.open(reference_path) as reference:
             reference = reference.convert("RGB")
-        psnr_db, similarity = psnr(image, reference), ssim(image, reference)
+        psnr_db, similarity = min(PSNR_MAX, psnr(image, reference)), ssim(image, reference)
     row = dict.fromkeys(COLUMNS)
     row.update(
         prompt_index=index,
@@ -292,42 +291,6 @@ def adherence(image: Image.Image, prompt: str) -> float | None:
     except ValueError:
         return None
     return score(image, prompt).overall
-
-
-def luminance(image: Image.Image) -> np.ndarray:
-    """ITU-R 601-2 luma (PIL's "L" mode) in [0, 255], as float64."""
-    return np.asarray(image.convert("L"), dtype=np.float64)
-
-
-def psnr(image: Image.Image, reference: Image.Image) -> float:
-    """Peak signal-to-noise ratio in dB of the luminance against the reference's, peak 255; identical
-    images score PSNR_MAX."""
-    mse = float(np.mean((luminance(image) - luminance(reference)) ** 2))
-    return PSNR_MAX if mse == 0 else min(PSNR_MAX, 10 * math.log10(255.0**2 / mse))
-
-
-def ssim(image: Image.Image, reference: Image.Image, size: int = 7, sigma: float = 1.5) -> float:
-    """Structural similarity (Wang et al. 2004) of the luminance, with a ``size``x``size`` Gaussian window
-    of standard deviation ``sigma`` over every fully inside position, K1 = 0.01, K2 = 0.03, L = 255;
-    the mean of the SSIM map."""
-    x, y = luminance(image), luminance(reference)
-    if x.shape != y.shape or min(x.shape) < size:
-        raise ValueError(f"ssim needs two images of one size of at least {size}x{size}, got {x.shape} and {y.shape}")
-    offsets = np.arange(size) - (size - 1) / 2
-    window = np.exp(-(offsets**2) / (2 * sigma**2))
-    window /= window.sum()
-
-    def blur(values: np.ndarray) -> np.ndarray:
-        # The window is separable: filter the rows, then the columns.
-        rows = sliding_window_view(values, size, axis=0) @ window
-        return sliding_window_view(rows, size, axis=1) @ window
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.mean())
 
 
 def mean_interval(values: list[float]) -> dict:
