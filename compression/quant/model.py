@@ -1,0 +1,56 @@
+"""Swap a model's ``nn.Linear`` and ``nn.Conv2d`` layers for quantized ones."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from compression.quant.config import QuantConfig
+from compression.quant.layers import QuantConv2d, QuantLinear
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+
+
+@dataclass
+class QuantReport:
+    """Which layers were quantized, which were kept in float (and the skip pattern that kept them), and
+    the quantized layers' weight bytes at fp16 against packed."""
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    fp16_bytes: int = 0
+    packed_bytes: int = 0
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> QuantReport:
+    """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` below ``model`` not matched by ``config.skip``.
+
+    Only these exact types are replaced: a subclass may use its weight outside ``forward``.
+    """
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+    report = QuantReport(config.mode)
+    for name, layer in list(model.named_modules()):
+        quantized_type = QUANTIZED_TYPES.get(type(layer))
+        if quantized_type is None:
+            continue
+        if not name:
+            raise ValueError(f"model must contain the layers to quantize, not be one: got {type(layer).__name__}")
+        pattern = next((pattern for pattern in config.skip if fnmatchcase(name, pattern)), None)
+        if pattern is not None:
+            report.kept[name] = pattern
+            continue
+        quantized = quantized_type.from_float(layer, config)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, quantized)
+        report.quantized.append(name)
+        report.fp16_bytes += layer.weight.numel() * 2
+        report.packed_bytes += quantized.weight_nbytes
+    logger.info("%s: quantized %d layers, kept %d in float", config.mode, len(report.quantized), len(report.kept))
+    return report
