@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hybrid_sd.cli_serve import add_serving_commands
     from hybrid_sd.cli_sweep import add_sweep_command
+    from hybrid_sd.cli_train import add_train_commands
 
     add_serving_commands(commands)
     add_sweep_command(commands)
+    add_train_commands(commands)
     return parser
 
 
@@ -122,6 +124,9 @@ def run_generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     request.check()  # before loading any model: bad input fails fast
+    from hybrid_sd.client import output_format_for
+
+    output_format = output_format_for(args.out)  # an unwritable suffix fails now, not after the work
     if args.target:
         run_remote_generate(args, request)
         return
@@ -138,7 +143,7 @@ def run_generate(args: argparse.Namespace) -> None:
             bar.update()
 
         result = pipeline(request, callback=show_progress)
-    write_outputs(result, args.out, args.latents_out)
+    write_outputs(result, args.out, output_format, args.latents_out)
     if args.json:
         print(json.dumps(result.summary()))
     else:
@@ -165,9 +170,12 @@ def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) ->
         print(f"wrote {args.out} (seed {response.seed}, switch step {response.switch_step})")
 
 
-def write_outputs(result: GenerationResult, image_path: Path, latents_path: Path | None) -> None:
+def write_outputs(result: GenerationResult, image_path: Path, output_format: int, latents_path: Path | None) -> None:
+    """The image in the format its suffix names (as the served path writes it), and the latents if asked."""
+    from hybrid_sd.wire import encode_image
+
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(image_path, format="PNG")
+    image_path.write_bytes(encode_image(result.image, output_format)[0])
     if latents_path is not None:
         save_latents(result.latents, latents_path)
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 LATENT_SPACE_BY_SCALING = {0.18215: "sd1", 0.13025: "sdxl"}
 
 
-def unet_latent_space(pipe: DiffusionPipeline) -> str:
+def unet_family(pipe: DiffusionPipeline) -> str:
     """``sdxl`` for UNets conditioned on SDXL's pooled text and time ids, else ``sd1``."""
     return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd1"
 
@@ -37,19 +37,30 @@ def vae_latent_space(vae: torch.nn.Module) -> str | None:
     if not isinstance(vae, AutoencoderKL):
         return None
     scaling = vae.config.scaling_factor
-    return LATENT_SPACE_BY_SCALING.get(scaling, f"custom-{scaling}")
+    return latent_space_name(scaling)
+
+
+def latent_space_name(scaling_factor: float) -> str:
+    """``sd1``/``sdxl`` for the public AutoencoderKL scaling factors, else ``custom-<factor>``."""
+    return LATENT_SPACE_BY_SCALING.get(scaling_factor, f"custom-{scaling_factor}")
+
+
+def pipeline_latent_space(pipe: DiffusionPipeline) -> str:
+    """The latent space a pipeline denoises in: its AutoencoderKL's, else (a tiny decoder) its UNet family's."""
+    return vae_latent_space(pipe.vae) or unet_family(pipe)
 
 
 class Denoiser:
     """Begins runs, advances them over a range of steps, and decodes them, for one model.
 
-    ``name`` is the model's path or hub ID, used in error messages.
+    ``name`` is the model's path or hub ID, used in error messages. ``latent_space`` is the one the UNet
+    was trained in, where the pipeline's own decoder cannot tell (an AutoencoderTiny in place of its VAE).
     """
 
-    def __init__(self, pipe: DiffusionPipeline, name: str):
+    def __init__(self, pipe: DiffusionPipeline, name: str, latent_space: str | None = None):
         self.pipe = pipe
         self.name = name
-        self.latent_space = unet_latent_space(pipe)
+        self.latent_space = latent_space or pipeline_latent_space(pipe)
         # Looked up once: diffusers walks every module for offload hooks on each access.
         self.device: torch.device = pipe._execution_device
 

@@ -3,6 +3,7 @@ VAE or tiny decoder) sharing one latent space; presets, loading and compatibilit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,9 +14,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 
-from hybrid_sd.denoiser import Denoiser, vae_latent_space
+from hybrid_sd.denoiser import (
+    LATENT_SPACE_BY_SCALING,
+    Denoiser,
+    latent_space_name,
+    pipeline_latent_space,
+    unet_family,
+    vae_latent_space,
+)
 from hybrid_sd.errors import IncompatibleModelsError
-from hybrid_sd.presets import PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
+from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.tiny_models import save_tiny_pair
 
 logger = logging.getLogger(__name__)
@@ -37,6 +45,8 @@ def preset(name: str) -> PairSpec:
     """The spec of a named pair; tiny pairs are built into :func:`cache_dir` the first time."""
     if name in PRESETS:
         return PRESETS[name]
+    if name in EMBEDDED_PRESETS:
+        return embedded_spec(EMBEDDED_PRESETS[name])
     if name not in TINY_PRESETS:
         raise ValueError(f"pair must be one of {', '.join(PAIR_NAMES)}, got {name!r}")
     root = cache_dir() / name
@@ -52,6 +62,23 @@ def preset(name: str) -> PairSpec:
         str(root / "edge-vae"),
         TINY_PRESETS[name],
         description=f"random-weight {TINY_PRESETS[name]}-architecture pair built from config",
+    )
+
+
+def embedded_spec(root: Path) -> PairSpec:
+    """The spec of a trained pair folder as ``hybrid-sd train-shapes`` writes it: the edge is a UNet on the
+    cloud's text encoder, with a tiny decoder for the cloud VAE's latent space."""
+    vae_config = root / "cloud" / "vae" / "config.json"
+    if not vae_config.is_file():
+        raise FileNotFoundError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
+    scaling_factor = json.loads(vae_config.read_text())["scaling_factor"]
+    return PairSpec(
+        str(root / "cloud"),
+        str(root / "edge-unet"),
+        str(root / "edge-vae"),
+        latent_space_name(scaling_factor),
+        edge_shares_text_encoder=True,
+        description=f"trained pair at {root}",
     )
 
 
@@ -86,11 +113,12 @@ def load_edge(
         edge_pipe = load_pipeline(spec.edge, dtype, **shared)
     else:
         edge_pipe = type(cloud_pipe).from_pipe(cloud_pipe, unet=_load_unet(spec.edge, dtype))
+    latent_space = pipeline_latent_space(edge_pipe)  # that of the VAE the UNet comes with
     if spec.edge_vae is not None:
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
         edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, dtype=dtype)
-    return Denoiser(_place(edge_pipe, device, dtype), spec.edge)
+    return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space)
 
 
 def _place(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:
@@ -129,11 +157,9 @@ def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> Non
     cloud's latents."""
     cloud, edge = pair.cloud, pair.edge
     models = f"cloud model {cloud.name!r} and edge model {edge.name!r}"
-    cloud_vae_space = vae_latent_space(cloud.pipe.vae)
-    if cloud_vae_space not in (None, cloud.latent_space):
-        raise IncompatibleModelsError(
-            f"cloud model {cloud.name!r} has a {cloud.latent_space} UNet but a {cloud_vae_space} VAE"
-        )
+    family = unet_family(cloud.pipe)
+    if cloud.latent_space in LATENT_SPACE_BY_SCALING.values() and cloud.latent_space != family:
+        raise IncompatibleModelsError(f"cloud model {cloud.name!r} has a {family} UNet but a {cloud.latent_space} VAE")
     if edge.latent_space != cloud.latent_space:
         raise IncompatibleModelsError(
             f"{models} denoise in different latent spaces ({cloud.latent_space} and {edge.latent_space})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ PRESETS: dict[str, PairSpec] = {
         "SDXL base with Segmind Vega and TAESDXL",
     ),
 }
+# Trained pairs shipped in the package: folder with cloud/, edge-unet/, edge-vae/ (see its README.md).
+EMBEDDED_PRESETS = {"shapes": Path(__file__).parent / "shapes" / "pair"}
 # Random-weight pairs built from config on first use (see hybrid_sd.tiny_models).
 TINY_PRESETS = {"tiny-sd1": "sd1", "tiny-sdxl": "sdxl"}
-DEFAULT_PAIR = "tiny-sd1"
-PAIR_NAMES = (*TINY_PRESETS, *PRESETS)
+DEFAULT_PAIR = "shapes"
+PAIR_NAMES = (*EMBEDDED_PRESETS, *TINY_PRESETS, *PRESETS)

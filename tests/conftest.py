@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny SD 1.x and SDXL pairs, saved as diffusers folders and loaded through
+"""Shared fixtures: the tiny SD 1.x and SDXL pairs and the shapes pair, saved as diffusers folders and loaded through
 the same code as a real checkpoint."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from diffusers import DiffusionPipeline
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import PairSpec
 
-FAMILIES = {"sd1": "tiny-sd1", "sdxl": "tiny-sdxl"}
+# The random-weight tiny pairs of both architectures, and the trained shapes pair shipped in the package.
+FAMILIES = {"sd1": "tiny-sd1", "sdxl": "tiny-sdxl", "shapes": "shapes"}
 
 
 @pytest.fixture(scope="session", autouse=True)

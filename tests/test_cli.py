@@ -46,7 +46,7 @@ def test_generate_writes_image_latents_and_json(tmp_path, capsys, pairs):
     assert summary["handoff_bytes"] > 0
     assert {"cloud_denoise", "edge_denoise", "decode", "total"} <= set(summary["timings_s"])
     assert PIL.Image.open(out).size == (64, 64)
-    expected = HybridPipeline(pairs["sd1"])(
+    expected = HybridPipeline(pairs["shapes"])(  # the default pair
         GenerationRequest("a blue circle", "blurry", switch_step=2, num_inference_steps=5, seed=42, scheduler="dpm++2m")
     )
     assert torch.equal(load_file(latents_out)["latents"], expected.latents)
@@ -102,3 +102,12 @@ def test_console_script_runs_as_a_process(tmp_path, model_home):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["num_inference_steps"] == 2
     assert out.exists()
+
+
+def test_generate_writes_the_format_the_suffix_names_and_refuses_others_up_front(tmp_path, capsys):
+    args = ["generate", "--prompt", "a small red circle", "--steps", "2", "--seed", "3", "--out"]
+    assert main([*args, str(tmp_path / "image.jpg")]) == 0
+    assert PIL.Image.open(tmp_path / "image.jpg").format == "JPEG"
+    assert main([*args, str(tmp_path / "image.gif")]) == 2
+    assert "--out must end in one of" in capsys.readouterr().err
+    assert not (tmp_path / "image.gif").exists()

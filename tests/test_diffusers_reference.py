@@ -21,7 +21,7 @@ def diffusers_output(pipe, request: GenerationRequest, output_type: str):
     return pipe(**pipeline_kwargs(request), output_type=output_type).images
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "shapes"])
 @pytest.mark.parametrize("scheduler", ["dpm++2m", "euler-a", "ddim"])
 @pytest.mark.parametrize("switch_step", [3, 8])
 def test_large_model_on_both_sides_is_diffusers(pair_specs, family, scheduler, switch_step):
@@ -47,7 +47,7 @@ def test_large_model_on_both_sides_is_diffusers(pair_specs, family, scheduler, s
     assert np.array_equal(produced, (expected_image * 255).round().astype(np.uint8))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "shapes"])
 def test_k_equals_n_matches_the_cloud_pipeline(pairs, pair_specs, family):
     request = GenerationRequest("two blue squares", switch_step=5, num_inference_steps=5, seed=3, width=64, height=64)
     result = HybridPipeline(pairs[family])(request)

@@ -32,11 +32,11 @@ def split_run(pair, request: GenerationRequest) -> tuple[torch.Tensor, int]:
     switch = loop_index(request.switch_step, STEPS, state.loop_length)
     state = first.denoise(state, switch) if request.switch_step else state
     received = HybridState.from_bytes(state.to_bytes())
-    fresh_edge = Denoiser(pair.edge.pipe, pair.edge.name)
+    fresh_edge = Denoiser(pair.edge.pipe, pair.edge.name, pair.edge.latent_space)
     return fresh_edge.denoise(received, received.loop_length).latents, switch
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "shapes"])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("switch_step", SWITCH_STEPS)
 def test_split_equals_one_loop_switched_at_k(pairs, references, family, scheduler, switch_step):

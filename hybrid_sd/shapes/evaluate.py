@@ -1,0 +1,143 @@
+"""Measure a trained shapes pair and write its model card.
+
+A switch-step sweep over held-out captions (adherence per attribute, per-stage latency, cloud UNet
+evaluations), the Fréchet distance of each k's images to the real renders of the same scenes in the shipped
+feature space, FLOPs per step of each UNet and decoder, and file sizes. ``evaluation.json`` holds it all;
+``README.md`` (the model card) puts it with ``training.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from hybrid_sd.pairs import embedded_spec
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.shapes.adherence import score_batch
+from hybrid_sd.shapes.dataset import ShapesDataset, caption, render
+from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
+from hybrid_sd.sweep import SweepConfig, in_process_runner, run_sweep
+
+HELDOUT_SEED = 2000  # scenes seen neither in training (seed 0) nor by the feature net's held-out set (1000)
+ATTRIBUTES = ("count", "color", "shape", "size", "relation", "overall")
+
+
+def heldout_captions(count: int) -> list[str]:
+    dataset = ShapesDataset(count, seed=HELDOUT_SEED)
+    return [caption(dataset.scene(index)) for index in range(count)]
+
+
+def heldout_images(count: int, seed: int = HELDOUT_SEED) -> list[Image.Image]:
+    dataset = ShapesDataset(count, seed=seed)
+    return [render(dataset.scene(index)) for index in range(count)]
+
+
+@torch.no_grad()
+def flops_per_call(module: torch.nn.Module, *inputs) -> int:
+    """Floating-point operations of one forward call (torch's FLOP counter: matmuls and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops()
+
+
+def model_costs(pipeline: HybridPipeline) -> dict:
+    """FLOPs per UNet evaluation (batch 1; classifier-free guidance doubles it) and per decode, and parameters."""
+    cloud, edge = pipeline.cloud.pipe, pipeline.edge.pipe
+    unet_config = cloud.unet.config
+    latents = torch.zeros(1, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    context = torch.zeros(1, cloud.tokenizer.model_max_length, unet_config.cross_attention_dim)
+    timestep = torch.tensor([500])
+
+    def parameters(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {
+        "large_unet": {
+            "flops": flops_per_call(cloud.unet, latents, timestep, context),
+            "params": parameters(cloud.unet),
+        },
+        "small_unet": {"flops": flops_per_call(edge.unet, latents, timestep, context), "params": parameters(edge.unet)},
+        "vae_decoder": {
+            "flops": flops_per_call(lambda z: cloud.vae.decode(z), latents),
+            "params": parameters(cloud.vae.decoder) + parameters(cloud.vae.post_quant_conv),
+        },
+        "tiny_decoder": {
+            "flops": flops_per_call(lambda z: edge.vae.decode(z), latents),
+            "params": parameters(edge.vae.decoder),
+        },
+        "text_encoder": {"params": parameters(cloud.text_encoder)},
+    }
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
+
+
+def evaluate(
+    pair_dir: Path,
+    sweep_dir: Path,
+    prompts: int = 64,
+    num_inference_steps: int = 20,
+    switch_steps: tuple[int, ...] = (0, 4, 8, 12, 16, 20),
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+) -> dict:
+    """Sweep the pair at ``pair_dir`` into ``sweep_dir``; return the evaluation and write it to
+    ``pair_dir/evaluation.json``."""
+    pipeline = HybridPipeline.from_pair(embedded_spec(pair_dir))
+    captions = heldout_captions(prompts)
+    config = SweepConfig(
+        switch_steps=list(switch_steps),
+        prompts=captions,
+        seeds=[seed],
+        num_inference_steps=num_inference_steps,
+        scheduler=None,
+        guidance_scale=guidance_scale,
+        out=sweep_dir,
+    )
+    summary = run_sweep(config, in_process_runner(pipeline))
+    with open(config.out / "results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    net = load_feature_net()
+    real = heldout_images(prompts)
+    real_features = features(real, net)
+    per_k = {}
+    for k in config.ks:
+        chosen = sorted((row for row in rows if int(row["switch_step"]) == k), key=lambda row: int(row["prompt_index"]))
+        images = [Image.open(config.out / row["image"]).convert("RGB") for row in chosen]
+        texts = [captions[int(row["prompt_index"])] for row in chosen]
+        per_k[str(k)] = {
+            "adherence": score_batch(images, texts),
+            "frechet_distance": frechet_distance(real_features, features(images, net)),
+            "median_total_s": float(np.median([float(row["t_total_s"]) for row in chosen])),
+            "cloud_unet_evaluations": int(chosen[0]["cloud_unet_evaluations"]),
+        }
+    evaluation = {
+        "prompts": prompts,
+        "heldout_seed": HELDOUT_SEED,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "scheduler": type(pipeline.cloud.pipe.scheduler).__name__,
+        "guidance_scale": guidance_scale,
+        "switch_steps": per_k,
+        # The floor: a second real sample of the same size against the first.
+        "frechet_distance_real_vs_real": frechet_distance(real_features, features(heldout_images(prompts, 3000), net)),
+        "costs": model_costs(pipeline),
+        "bytes": {name: folder_bytes(pair_dir / name) for name in ("cloud", "edge-unet", "edge-vae")},
+        "summary": {k: entry["metrics"]["adherence"] for k, entry in summary["switch_steps"].items()},
+    }
+    (pair_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    return evaluation
+
+
+def gap_recovered(evaluation: dict, k: int) -> float:
+    """The share of the small-only to large-only adherence gap that the hybrid at ``k`` closes."""
+    overall = {int(step): entry["adherence"]["overall"] for step, entry in evaluation["switch_steps"].items()}
+    small, large = overall[0], overall[evaluation["num_inference_steps"]]
+    return (overall[k] - small) / (large - small)

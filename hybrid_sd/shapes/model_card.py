@@ -1,0 +1,145 @@
+"""The model card (README.md) of a trained shapes pair, written from its training.json and evaluation.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hybrid_sd.shapes.evaluate import ATTRIBUTES, gap_recovered
+
+TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _architecture_table(training: dict, evaluation: dict) -> list[str]:
+    costs, sizes = evaluation["costs"], evaluation["bytes"]
+    rows = [
+        ("large UNet (cloud)", "UNet2DConditionModel, channels 64/128/128, attention at 16², 8², 4²", "large_unet"),
+        ("small UNet (edge)", "UNet2DConditionModel, channels 32/48/64, attention at 8², 4²", "small_unet"),
+        ("VAE decoder", "AutoencoderKL, channels 16/32/64, 4x down-sampling, 4 latent channels", "vae_decoder"),
+        ("tiny decoder (edge)", "AutoencoderTiny (TAESD blocks), 16 channels, blocks 3/2/1", "tiny_decoder"),
+        ("text encoder (shared)", "CLIPTextModel, width 128, 3 layers, 4 heads, 32 tokens", "text_encoder"),
+    ]
+    lines = ["| model | architecture | parameters | MFLOPs per call (batch 1) |", "| --- | --- | --- | --- |"]
+    for name, architecture, key in rows:
+        flops = costs[key].get("flops")
+        lines.append(
+            f"| {name} | {architecture} | {costs[key]['params'] / 1e6:.2f}M | {'—' if flops is None else flops / 1e6:.0f} |"
+        )
+    ratio = costs["large_unet"]["flops"] / costs["small_unet"]["flops"]
+    decoder_ratio = costs["vae_decoder"]["flops"] / costs["tiny_decoder"]["flops"]
+    megabytes = ", ".join(f"`{name}/` {size / 1e6:.1f} MB" for name, size in sizes.items())
+    lines += [
+        "",
+        f"The small UNet takes {ratio:.1f}x fewer FLOPs per step than the large one; the tiny decoder"
+        f" {decoder_ratio:.1f}x fewer than the VAE decoder. Classifier-free guidance runs each UNet at batch 2."
+        f" Weights are float16 safetensors: {megabytes}.",
+    ]
+    return lines
+
+
+def _training_lines(training: dict) -> list[str]:
+    config, stages = training["config"], training["stages"]
+    minutes = training["total_seconds"] / 60
+    lines = [
+        f"Seeded (seed {config['seed']}), on the CPU with {training['torch_threads']} threads, in {minutes:.0f}"
+        f" minutes all told ({', '.join(f'{k} {v}' for k, v in training['versions'].items())}).",
+        "",
+        "| stage | what | steps x batch | time | final loss |",
+        "| --- | --- | --- | --- | --- |",
+        f"| render | {config['images']} captioned 64x64 images of the shapes dataset (seed {config['seed']}) | — |"
+        f" {stages['render']['seconds']:.0f} s | — |",
+    ]
+    described = {
+        "vae": f"AutoencoderKL, L1 + {config['vae_kl_weight']:g} KL; {config['vae_crop_steps']} steps on 32x32 crops,"
+        f" {config['vae_full_steps']} on whole images; latents scaled by {training['scaling_factor']} to unit variance",
+        "large": "text encoder and large UNet together, epsilon loss with Min-SNR-5 weighting, 10% captions dropped"
+        f" for guidance, EMA {config['ema_decay']}",
+        "small": "small UNet from scratch: MSE to the large UNet's prediction plus the epsilon loss (output"
+        " distillation; the compression issue's pruning was not ready), frozen text encoder",
+        "tiny": "AutoencoderTiny: decoder to the VAE decoder's and the real images (L1), encoder to the VAE's scaled"
+        " means (MSE)",
+    }
+    for name, text in described.items():
+        stage = stages[name]
+        lines.append(
+            f"| {name} | {text} | {stage['steps']} x {config['batch_size']} | {stage['seconds'] / 60:.1f} min |"
+            f" {stage['final_loss']:.4f} |"
+        )
+    return lines
+
+
+def _quality_lines(evaluation: dict) -> list[str]:
+    steps = evaluation["num_inference_steps"]
+    lines = [
+        f"{evaluation['prompts']} held-out captions (dataset seed {evaluation['heldout_seed']}), image seed"
+        f" {evaluation['seed']}, {steps} steps of {evaluation['scheduler']}, guidance {evaluation['guidance_scale']}."
+        " k is the number of steps on the large model; k = 0 is the small model alone, k = "
+        f"{steps} the large one alone. Adherence is the deterministic scorer of `hybrid_sd.shapes.adherence`;"
+        " FD is the Fréchet distance to the real renders of the same scenes in the shipped feature net's space"
+        f" (a second real sample scores {evaluation['frechet_distance_real_vs_real']:.1f}).",
+        "",
+        "| k | " + " | ".join(ATTRIBUTES) + " | FD | cloud UNet evals | median latency |",
+        "| --- " * (len(ATTRIBUTES) + 4) + "|",
+    ]
+    for k, entry in sorted(evaluation["switch_steps"].items(), key=lambda item: int(item[0])):
+        adherence = " | ".join(_number(entry["adherence"][name]) for name in ATTRIBUTES)
+        lines.append(
+            f"| {k} | {adherence} | {entry['frechet_distance']:.1f} | {entry['cloud_unet_evaluations']} |"
+            f" {entry['median_total_s']:.2f} s |"
+        )
+    hybrid_k = round(0.4 * steps)
+    if str(hybrid_k) in evaluation["switch_steps"]:
+        lines += [
+            "",
+            f"The hybrid at k = {hybrid_k} (40% of the steps) closes {100 * gap_recovered(evaluation, hybrid_k):.0f}%"
+            " of the adherence gap between the small model alone and the large one alone.",
+        ]
+    return lines
+
+
+def write_model_card(pair_dir: Path) -> Path:
+    """Write ``pair_dir/README.md`` and return its path."""
+    training = json.loads((pair_dir / "training.json").read_text())
+    evaluation = json.loads((pair_dir / "evaluation.json").read_text())
+    lines = [
+        "# The shapes pair",
+        "",
+        "hybrid-sd's embedded default (`--pair shapes`): a text-to-image latent diffusion pair trained from"
+        " nothing on the captioned shapes dataset (`hybrid_sd.shapes.dataset`), small enough for a CPU. The"
+        " large UNet runs on the cloud, the small one and the tiny decoder on the edge; both UNets share the text"
+        " encoder and the VAE's latent space, so a run can switch from one to the other at any step.",
+        "",
+        "Folders: `cloud/` (a `StableDiffusionPipeline`: tokenizer, text encoder, VAE, large UNet, DPM-Solver++"
+        " scheduler), `edge-unet/` (the small `UNet2DConditionModel`), `edge-vae/` (the `AutoencoderTiny`).",
+        "",
+        "## Models",
+        "",
+        *_architecture_table(training, evaluation),
+        "",
+        "## Training",
+        "",
+        *_training_lines(training),
+        "",
+        "## Quality and cost",
+        "",
+        *_quality_lines(evaluation),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        TRAIN_COMMAND,
+        "```",
+        "",
+        "trains every model with the settings above, runs the evaluation sweep and rewrites this card;"
+        " `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a trained pair. Training is seeded,"
+        " but CPU kernels differ between machines and thread counts, so a retrained pair matches these numbers"
+        " within a tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
+        "",
+    ]
+    path = pair_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path

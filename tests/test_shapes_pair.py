@@ -1,0 +1,119 @@
+"""The shipped shapes pair: it is the default, it is small, its card is its measurements, and its quality
+shows the hybrid trade-off: large alone best, small alone clearly worse, the hybrid at 40% in between."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from hybrid_sd.cli import main
+from hybrid_sd.pairs import embedded_spec, load_pair, preset
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.presets import DEFAULT_PAIR, EMBEDDED_PRESETS
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.shapes.adherence import score_batch
+from hybrid_sd.shapes.evaluate import gap_recovered, heldout_captions
+from hybrid_sd.shapes.model_card import write_model_card
+
+PAIR_DIR = EMBEDDED_PRESETS["shapes"]
+STEPS = 20
+PROMPTS = 24
+# Set from measurement on the development machine (see the closing note and the model card): over these
+# 24 held-out captions, seed 0, 20 DPM-Solver++ steps, guidance 7.5.
+LARGE_ONLY_AT_LEAST = None
+SMALL_BELOW_LARGE_BY = None
+HYBRID_RECOVERS_AT_LEAST = None
+
+
+def test_shapes_is_the_default_pair_and_loads_with_its_latent_space(pairs):
+    assert DEFAULT_PAIR == "shapes"
+    pair = pairs["shapes"]
+    assert pair.cloud.latent_space == pair.edge.latent_space == preset("shapes").edge_vae_latent_space
+    assert pair.cloud.latent_space.startswith("custom-")
+    assert type(pair.edge.pipe.vae).__name__ == "AutoencoderTiny"
+    assert pair.cloud.default_size == 64
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(path.stat().st_size for path in PAIR_DIR.rglob("*.safetensors"))
+    assert 5e6 < total <= 25e6, total
+
+
+def test_model_card_is_written_from_the_committed_measurements(tmp_path):
+    copy = tmp_path / "pair"
+    copy.mkdir()
+    for name in ("training.json", "evaluation.json"):
+        shutil.copy(PAIR_DIR / name, copy / name)
+    assert write_model_card(copy).read_text() == (PAIR_DIR / "README.md").read_text()
+
+
+def test_committed_evaluation_shows_the_trade_off():
+    evaluation = json.loads((PAIR_DIR / "evaluation.json").read_text())
+    overall = {int(k): entry["adherence"]["overall"] for k, entry in evaluation["switch_steps"].items()}
+    assert overall[STEPS] > overall[0]
+    assert gap_recovered(evaluation, round(0.4 * STEPS)) > 0.5
+    costs = evaluation["costs"]
+    assert 4 <= costs["large_unet"]["flops"] / costs["small_unet"]["flops"] <= 10
+
+
+@pytest.fixture(scope="module")
+def adherence_by_k(pairs) -> dict[int, float]:
+    pipeline = HybridPipeline(pairs["shapes"])
+    captions = heldout_captions(PROMPTS)
+    scores = {}
+    for k in (0, round(0.4 * STEPS), STEPS):
+        images = [
+            pipeline(GenerationRequest(text, switch_step=k, num_inference_steps=STEPS, seed=0)).image
+            for text in captions
+        ]
+        scores[k] = score_batch(images, captions)["overall"]
+    return scores
+
+
+def test_large_model_alone_adheres_to_the_prompt(adherence_by_k):
+    assert adherence_by_k[STEPS] >= LARGE_ONLY_AT_LEAST, adherence_by_k
+
+
+def test_small_model_alone_is_clearly_worse(adherence_by_k):
+    assert adherence_by_k[0] <= adherence_by_k[STEPS] - SMALL_BELOW_LARGE_BY, adherence_by_k
+
+
+def test_hybrid_at_40_percent_recovers_most_of_the_gap(adherence_by_k):
+    small, hybrid, large = adherence_by_k[0], adherence_by_k[round(0.4 * STEPS)], adherence_by_k[STEPS]
+    assert hybrid - small >= HYBRID_RECOVERS_AT_LEAST * (large - small), adherence_by_k
+
+
+def test_train_shapes_command_writes_a_pair_that_loads_and_its_card(tmp_path):
+    out, sweep = tmp_path / "pair", tmp_path / "sweep"
+    steps = ["--vae-crop-steps", "2", "--vae-full-steps", "1", "--large-steps", "2", "--small-steps", "2"]
+    steps += ["--tiny-steps", "2", "--warmup-steps", "1"]
+    code = main(
+        ["train-shapes", "--out", str(out), "--sweep-out", str(sweep), "--images", "64", "--batch-size", "8"]
+        + steps
+        + ["--eval-prompts", "2"]
+    )
+    assert code == 0
+    pair = load_pair(embedded_spec(out))
+    result = HybridPipeline(pair)(GenerationRequest("a small red circle", num_inference_steps=4, seed=1))
+    assert result.image.size == (64, 64)
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert sorted(int(k) for k in evaluation["switch_steps"]) == [0, 4, 8, 12, 16, 20]
+    card = (out / "README.md").read_text()
+    assert "| 20 |" in card and "train-shapes" in card
+    assert (sweep / "results.csv").is_file() and (sweep / "grid.png").is_file()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("HYBRID_SD_RETRAIN"), reason="retrains the pair (about an hour); set HYBRID_SD_RETRAIN=1"
+)
+def test_retraining_reproduces_the_committed_quality(tmp_path):
+    out = tmp_path / "pair"
+    assert main(["train-shapes", "--out", str(out), "--sweep-out", str(tmp_path / "sweep")]) == 0
+    committed = json.loads((PAIR_DIR / "evaluation.json").read_text())
+    retrained = json.loads((out / "evaluation.json").read_text())
+    for k, entry in committed["switch_steps"].items():
+        assert abs(retrained["switch_steps"][k]["adherence"]["overall"] - entry["adherence"]["overall"]) <= 0.06, k
+    assert abs(gap_recovered(retrained, 8) - gap_recovered(committed, 8)) <= 0.2
