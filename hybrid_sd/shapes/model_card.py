@@ -26,9 +26,8 @@ def _architecture_table(training: dict, evaluation: dict) -> list[str]:
     lines = ["| model | architecture | parameters | MFLOPs per call (batch 1) |", "| --- | --- | --- | --- |"]
     for name, architecture, key in rows:
         flops = costs[key].get("flops")
-        lines.append(
-            f"| {name} | {architecture} | {costs[key]['params'] / 1e6:.2f}M | {'—' if flops is None else flops / 1e6:.0f} |"
-        )
+        megaflops = "—" if flops is None else f"{flops / 1e6:.0f}"
+        lines.append(f"| {name} | {architecture} | {costs[key]['params'] / 1e6:.2f}M | {megaflops} |")
     ratio = costs["large_unet"]["flops"] / costs["small_unet"]["flops"]
     decoder_ratio = costs["vae_decoder"]["flops"] / costs["tiny_decoder"]["flops"]
     megabytes = ", ".join(f"`{name}/` {size / 1e6:.1f} MB" for name, size in sizes.items())

@@ -1,0 +1,198 @@
+"""Pruning on tiny UNets: BK-SDM block removal, significance, channel and head pruning to a
+budget, and save/load through the project's loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from compression.prune import (
+    PRUNING_FILE,
+    Calibration,
+    find_units,
+    load_pruned_unet,
+    measure_significance,
+    prune_channels,
+    remove_blocks,
+    save_pruned,
+)
+from compression.prune.cost import module_macs, unit_costs
+from compression.prune.units import masked
+from hybrid_sd.pairs import _load_unet
+
+BUDGET = 0.6
+
+
+def tiny_unet(family: str, seed: int = 0) -> UNet2DConditionModel:
+    """SD 1.x- or SDXL-architecture UNet with a few channels; SDXL's one norm group leaves only heads to prune."""
+    torch.manual_seed(seed)
+    common = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    if family == "sd1":
+        return UNet2DConditionModel(**common, cross_attention_dim=32, norm_num_groups=8).eval()
+    return UNet2DConditionModel(
+        **common,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=1,
+    ).eval()
+
+
+def relative_change(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread than synchronising several (and never wait on a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DConditionModel:
+    return tiny_unet("sd1")
+
+
+@pytest.fixture(scope="module")
+def calibration(unet) -> Calibration:
+    return Calibration.random(unet, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def significance(unet, calibration) -> dict[str, float]:
+    return measure_significance(unet, calibration)
+
+
+def test_block_removal_is_bk_sdm_small_with_teacher_weights(unet, calibration):
+    student = remove_blocks(unet, layers_per_block=1)
+    assert student.config.layers_per_block == 1 and student.config.mid_block_type is None
+    assert student.mid_block is None
+    assert [len(block.resnets) for block in student.down_blocks] == [1, 1]
+    assert [len(block.resnets) for block in student.up_blocks] == [2, 2]
+    assert calibration.run(student).shape == calibration.run(unet).shape
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in unet.parameters())
+    teacher = unet.state_dict()
+    state = student.state_dict()
+    # Down blocks keep their first pair; up blocks their first and last (BK-SDM's copy_weight_from_teacher).
+    for student_key, teacher_key in (
+        ("down_blocks.1.resnets.0.conv1.weight", "down_blocks.1.resnets.0.conv1.weight"),
+        ("down_blocks.1.attentions.0.proj_in.weight", "down_blocks.1.attentions.0.proj_in.weight"),
+        ("up_blocks.0.resnets.1.conv1.weight", "up_blocks.0.resnets.2.conv1.weight"),
+        ("up_blocks.0.attentions.1.proj_out.weight", "up_blocks.0.attentions.2.proj_out.weight"),
+        ("up_blocks.1.resnets.0.conv_shortcut.weight", "up_blocks.1.resnets.0.conv_shortcut.weight"),
+        ("conv_out.weight", "conv_out.weight"),
+    ):
+        assert torch.equal(state[student_key], teacher[teacher_key]), student_key
+    assert not any(key.startswith("mid_block.") for key in state)
+
+
+def test_block_removal_per_block_and_keeping_the_mid_block(unet, calibration, tmp_path):
+    student = remove_blocks(unet, layers_per_block=(2, 1), remove_mid_block=False)
+    assert [len(block.resnets) for block in student.up_blocks] == [2, 3]
+    assert torch.equal(student.mid_block.resnets[0].conv1.weight, unet.mid_block.resnets[0].conv1.weight)
+    # A standard diffusers config: no extension, and diffusers loads it on its own.
+    path = save_pruned(student, tmp_path / "edge-unet")
+    assert not (path / PRUNING_FILE).exists()
+    for loaded in (UNet2DConditionModel.from_pretrained(path), _load_unet(str(path), torch.float32)):
+        assert torch.equal(calibration.run(loaded), calibration.run(student))
+
+
+@pytest.mark.parametrize("layers_per_block", [0, 3, (1, 1, 1)])
+def test_bad_layers_per_block_is_refused_naming_it(unet, layers_per_block):
+    with pytest.raises(ValueError, match="layers_per_block"):
+        remove_blocks(unet, layers_per_block=layers_per_block)
+
+
+def test_significance_measures_how_far_the_output_moves(unet, calibration, significance):
+    units = {unit.name: unit for unit in find_units(unet)}
+    assert set(significance) == set(units)
+    most = max(significance, key=significance.get)
+    least = min(significance, key=significance.get)
+    reference = calibration.run(unet)
+    moves = {}
+    for name in (most, least):
+        with masked(unet, [units[name]]):
+            moves[name] = relative_change(calibration.run(unet), reference)
+    assert moves[most] > moves[least]
+    assert moves[most] == pytest.approx(significance[most])
+    assert torch.equal(calibration.run(unet), reference)  # the mask is undone
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+def test_budget_is_met_within_one_unit(unet, calibration, significance, metric):
+    pruned, report = prune_channels(unet, BUDGET, calibration, metric=metric, significance=significance)
+    assert calibration.run(pruned).shape == calibration.run(unet).shape
+    macs = module_macs(unet, calibration) if metric == "macs" else None
+    largest_unit = max(unit_costs(unet, find_units(unet), macs).values())
+    before, after = (
+        (report.params_before, report.params_after) if metric == "params" else (report.macs_before, report.macs_after)
+    )
+    assert after <= BUDGET * before < after + largest_unit
+    assert any(":group" in name for name in report.removed) and any(":head" in name for name in report.removed)
+
+
+def test_removing_units_matches_their_significance(unet, calibration, significance):
+    """Physically pruning the least significant unit moves the output as much as masking it did."""
+    pruned, report = prune_channels(unet, 0.999, calibration, significance=significance)
+    assert len(report.removed) == 1
+    moved = relative_change(calibration.run(pruned), calibration.run(unet))
+    assert moved == pytest.approx(significance[report.removed[0]], rel=1e-3, abs=1e-6)
+
+
+def test_full_budget_is_the_identity(unet, calibration, significance):
+    pruned, report = prune_channels(unet, 1.0, calibration, significance=significance)
+    assert report.removed == [] and report.params_after == report.params_before
+    assert torch.equal(calibration.run(pruned), calibration.run(unet))
+
+
+@pytest.mark.parametrize("budget", [0, 0.0, -0.5, 1.5, float("nan")])
+def test_bad_budget_is_refused_naming_it(unet, calibration, budget):
+    with pytest.raises(ValueError, match="budget"):
+        prune_channels(unet, budget, calibration)
+
+
+def test_unreachable_budget_is_refused_naming_it(unet, calibration, significance):
+    with pytest.raises(ValueError, match="budget 0.01 is out of reach"):
+        prune_channels(unet, 0.01, calibration, significance=significance)
+
+
+def test_bad_metric_is_refused_naming_it(unet, calibration):
+    with pytest.raises(ValueError, match="metric"):
+        prune_channels(unet, 0.5, calibration, metric="latency")
+
+
+def test_pruned_unet_saves_and_loads_through_the_project_loader(unet, calibration, significance, tmp_path):
+    pruned, _ = prune_channels(unet, BUDGET, calibration, significance=significance)
+    expected = calibration.run(pruned)
+    bare = save_pruned(pruned, tmp_path / "edge-unet")
+    in_pipeline = save_pruned(pruned, tmp_path / "edge" / "unet")
+    assert (bare / PRUNING_FILE).is_file()
+    for path in (bare, tmp_path / "edge"):
+        assert torch.equal(calibration.run(_load_unet(str(path), torch.float32)), expected)
+    half = load_pruned_unet(in_pipeline, torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_sdxl_student_blocks_removed_then_heads_pruned(tmp_path):
+    teacher = tiny_unet("sdxl")
+    calibration = Calibration.random(teacher, batch_size=2)
+    student = remove_blocks(teacher, layers_per_block=1)
+    pruned, report = prune_channels(student, 0.9, calibration)
+    assert report.params_after <= 0.9 * report.params_before
+    assert all(":head" in name for name in report.removed)  # one norm group: heads only
+    path = save_pruned(pruned, tmp_path / "edge-unet")
+    assert torch.equal(calibration.run(_load_unet(str(path), torch.float32)), calibration.run(pruned))
