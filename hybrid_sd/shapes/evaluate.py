@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.shapes.adherence import score_batch
-from hybrid_sd.shapes.dataset import ShapesDataset, caption, render
+from hybrid_sd.shapes.dataset import Scene, ShapesDataset, caption, render
 from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
 from hybrid_sd.sweep import SweepConfig, in_process_runner, run_sweep
 
@@ -28,14 +28,24 @@ HELDOUT_SEED = 2000  # scenes seen neither in training (seed 0) nor by the featu
 ATTRIBUTES = ("count", "color", "shape", "size", "relation", "overall")
 
 
+def heldout_scenes(count: int, seed: int = HELDOUT_SEED) -> list[Scene]:
+    """The first ``count`` scenes of the dataset at ``seed`` with captions not seen before in it."""
+    dataset = ShapesDataset(100 * count, seed=seed)
+    scenes: dict[str, Scene] = {}
+    index = 0
+    while len(scenes) < count:
+        scene = dataset.scene(index)
+        scenes.setdefault(caption(scene), scene)
+        index += 1
+    return list(scenes.values())
+
+
 def heldout_captions(count: int) -> list[str]:
-    dataset = ShapesDataset(count, seed=HELDOUT_SEED)
-    return [caption(dataset.scene(index)) for index in range(count)]
+    return [caption(scene) for scene in heldout_scenes(count)]
 
 
 def heldout_images(count: int, seed: int = HELDOUT_SEED) -> list[Image.Image]:
-    dataset = ShapesDataset(count, seed=seed)
-    return [render(dataset.scene(index)) for index in range(count)]
+    return [render(scene) for scene in heldout_scenes(count, seed)]
 
 
 @torch.no_grad()
@@ -136,8 +146,14 @@ def evaluate(
     return evaluation
 
 
-def gap_recovered(evaluation: dict, k: int) -> float:
-    """The share of the small-only to large-only adherence gap that the hybrid at ``k`` closes."""
-    overall = {int(step): entry["adherence"]["overall"] for step, entry in evaluation["switch_steps"].items()}
-    small, large = overall[0], overall[evaluation["num_inference_steps"]]
-    return (overall[k] - small) / (large - small)
+def gap_recovered(evaluation: dict, k: int, metric: str = "adherence") -> float | None:
+    """The share of the gap between the small model alone and the large one alone that the hybrid at ``k``
+    closes, in overall adherence (``"adherence"``) or in Fréchet distance (``"frechet_distance"``); None
+    where the two score the same."""
+
+    def value(entry: dict) -> float:
+        return entry["adherence"]["overall"] if metric == "adherence" else entry[metric]
+
+    values = {int(step): value(entry) for step, entry in evaluation["switch_steps"].items()}
+    small, large = values[0], values[evaluation["num_inference_steps"]]
+    return None if large == small else (values[k] - small) / (large - small)

@@ -14,6 +14,10 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _percent(share: float | None) -> str:
+    return "none (no gap)" if share is None else f"{100 * share:.0f}%"
+
+
 def _architecture_table(training: dict, evaluation: dict) -> list[str]:
     costs, sizes = evaluation["costs"], evaluation["bytes"]
     rows = [
@@ -94,8 +98,9 @@ def _quality_lines(evaluation: dict) -> list[str]:
     if str(hybrid_k) in evaluation["switch_steps"]:
         lines += [
             "",
-            f"The hybrid at k = {hybrid_k} (40% of the steps) closes {100 * gap_recovered(evaluation, hybrid_k):.0f}%"
-            " of the adherence gap between the small model alone and the large one alone.",
+            f"Against the small model alone, the hybrid at k = {hybrid_k} (40% of the steps) closes"
+            f" {_percent(gap_recovered(evaluation, hybrid_k, 'frechet_distance'))} of the gap to the large model"
+            f" alone in FD and {_percent(gap_recovered(evaluation, hybrid_k))} of the gap in overall adherence.",
         ]
     return lines
 
