@@ -40,7 +40,7 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
         wait_serving(gateway)
         wait_serving(edge)
         fields = dict(prompt="a blue triangle", switch_step=3, num_inference_steps=6, seed=21)
-        expected = HybridPipeline(pairs["sd1"])(GenerationRequest(**fields)).latents
+        expected = HybridPipeline(pairs["shapes"])(GenerationRequest(**fields)).latents  # the default pair
         for target in (gateway, edge):
             done = run_cli(
                 "generate",
@@ -62,7 +62,7 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
             )
             assert done.returncode == 0, done.stderr
             summary = json.loads(done.stdout)
-            assert summary["unet_evaluations"] == {"cloud": 4, "edge": 3}  # PLMS: a warm-up evaluation
+            assert summary["unet_evaluations"] == {"cloud": 3, "edge": 3}
             assert summary["handoff_bytes"] > 0 and summary["cloud_replica"]
             assert (tmp_path / "image.webp").read_bytes()[8:12] == b"WEBP"
             assert torch.equal(load_file(tmp_path / "latents.safetensors")["latents"], expected)

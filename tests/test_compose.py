@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml  # PyYAML: a dependency of ray[serve], transformers and huggingface_hub
 
+from hybrid_sd.presets import DEFAULT_PAIR
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "docker-compose.yml"
 CPU = "docker-compose.cpu.yml"
@@ -184,7 +186,7 @@ def test_one_image_for_every_service(config):
 @pytest.mark.parametrize("pair", [None, "tiny-sdxl"])
 def test_pair_comes_from_the_environment(pair):
     env = {} if pair is None else {"HYBRID_SD_PAIR": pair}
-    expected = pair or "tiny-sd1"  # the default when HYBRID_SD_PAIR is unset
+    expected = pair or DEFAULT_PAIR  # the default when HYBRID_SD_PAIR is unset
     commands = service_commands(BASE, env=env)
     assert set(commands) == {"ray-head", "cloud", "gateway", "edge"}
     for name, (command, environment) in commands.items():

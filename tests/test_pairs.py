@@ -47,11 +47,11 @@ def test_edge_decoder_for_another_latent_space_is_refused(pair_specs):
         load_pair(spec)
 
 
-def test_edge_vae_with_other_scaling_factor_is_refused(pair_specs, tmp_path):
+def test_edge_with_a_vae_of_another_scaling_factor_is_refused(pair_specs, tmp_path):
     pipe = build_tiny_pipeline("sd1", "small")
     pipe.vae.register_to_config(scaling_factor=0.5)
     pipe.save_pretrained(tmp_path / "edge")
-    with pytest.raises(ValueError, match="the edge decoder is for the custom-0.5 latent space"):
+    with pytest.raises(ValueError, match=r"denoise in different latent spaces \(sd1 and custom-0.5\)"):
         load_pair(PairSpec(pair_specs["sd1"].cloud, str(tmp_path / "edge")))
 
 
