@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compression.quant import QuantConfig, QuantConv2d, QuantLinear
+from hybrid_sd.lowbit import QuantConfig, QuantConv2d, QuantLinear
 
 # (name, tokens, in, out): tokens of one image at the UNet level where the layer runs.
 LINEAR_SHAPES = [

@@ -9,9 +9,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load, save
 from torch import nn
 
-from compression.quant import QuantConfig, QuantConv2d, QuantLinear, pack_codes, quantize_model, unpack_codes
-from compression.quant.int8 import int8_gemm, quantize_activations
-from compression.quant.packing import code_range
+from hybrid_sd.lowbit import QuantConfig, QuantConv2d, QuantLinear, pack_codes, quantize_model, unpack_codes
+from hybrid_sd.lowbit.int8 import int8_gemm, quantize_activations
+from hybrid_sd.lowbit.packing import code_range
 
 BITS = range(2, 9)
 

@@ -8,8 +8,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from compression.quant.config import QuantConfig
-from compression.quant.layers import QuantConv2d, QuantLinear
+from hybrid_sd.lowbit.config import QuantConfig
+from hybrid_sd.lowbit.layers import QuantConv2d, QuantLinear
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.quant.packing import check_bits
+from hybrid_sd.lowbit.packing import check_bits
 
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ACTIVATION_BITS = (8, 16)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.quant.packing import code_range, pack_codes, unpack_codes
+from hybrid_sd.lowbit.packing import code_range, pack_codes, unpack_codes
 
 
 def group_length(in_features: int, group_size: int | None) -> int:

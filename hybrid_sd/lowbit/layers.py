@@ -6,7 +6,7 @@ Two run-time paths, chosen by ``QuantConfig.activation_bits``:
   every call, then a float GEMM or convolution runs. This saves memory (weights stay packed), not
   time: the unpacking comes on top of the float work.
 - ``A8`` (W2A8 to W8A8): activations are quantized to int8 per token on the fly, weight codes are
-  unpacked to int8 and the product runs on ``torch._int_mm`` (see :mod:`compression.quant.int8`).
+  unpacked to int8 and the product runs on ``torch._int_mm`` (see :mod:`hybrid_sd.lowbit.int8`).
   Speed comes from the int8 GEMM; per-channel weights (``group_size=None``) take one GEMM, per-group
   weights one GEMM per group. 8-bit weights unpack as a zero-copy view; narrower ones are unpacked
   each call. Convolutions become GEMMs through ``unfold`` (im2col), or a channels-last reshape for
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from compression.quant.config import SCALE_DTYPES, QuantConfig
-from compression.quant.int8 import int8_linear, quantize_activations
-from compression.quant.packing import packed_length
-from compression.quant.weights import PackedWeight, QuantizedWeight, group_count, group_length, quantize_weight
+from hybrid_sd.lowbit.config import SCALE_DTYPES, QuantConfig
+from hybrid_sd.lowbit.int8 import int8_linear, quantize_activations
+from hybrid_sd.lowbit.packing import packed_length
+from hybrid_sd.lowbit.weights import PackedWeight, QuantizedWeight, group_count, group_length, quantize_weight
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
