@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_security_arguments(remote)
     generate.set_defaults(handler=run_generate)
 
+    from hybrid_sd.cli_compress import add_compress_command
     from hybrid_sd.cli_serve import add_serving_commands
     from hybrid_sd.cli_sweep import add_sweep_command
     from hybrid_sd.cli_train import add_train_commands
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_commands(commands)
     add_sweep_command(commands)
     add_train_commands(commands)
+    add_compress_command(commands)
     return parser
 
 
@@ -76,7 +78,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--edge-model", help="diffusers pipeline or UNet folder, or hub ID, of the small model")
     models.add_argument("--edge-vae", help="VAE or tiny decoder for the edge (AutoencoderKL or AutoencoderTiny)")
     models.add_argument(
-        "--edge-vae-latent-space", choices=("sd1", "sdxl"), help="latent space an AutoencoderTiny decodes"
+        "--edge-vae-latent-space",
+        help="latent space an AutoencoderTiny decodes: sd1, sdxl or custom-<VAE scaling factor>",
     )
     models.add_argument(
         "--edge-shares-text-encoder", action="store_true", help="run the edge on the cloud's text encoders"

@@ -23,6 +23,7 @@ from hybrid_sd.denoiser import (
     vae_latent_space,
 )
 from hybrid_sd.errors import IncompatibleModelsError
+from hybrid_sd.lowbit.storage import QUANTIZATION_FILE, load_quantized_unet
 from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.pruned.storage import PRUNING_FILE, load_pruned_unet
 from hybrid_sd.tiny_models import save_tiny_pair
@@ -150,8 +151,11 @@ def _is_pipeline(path: str) -> bool:
 
 def _load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
     subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
-    if (Path(path, subfolder or "") / PRUNING_FILE).is_file():  # channel- or head-pruned
-        return load_pruned_unet(Path(path, subfolder or ""), dtype)
+    folder = Path(path, subfolder or "")
+    if (folder / PRUNING_FILE).is_file():  # channel- or head-pruned
+        return load_pruned_unet(folder, dtype)
+    if (folder / QUANTIZATION_FILE).is_file():  # low-bit weights (hybrid-sd compress quantize)
+        return load_quantized_unet(folder, dtype)
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
 
 
