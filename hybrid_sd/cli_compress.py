@@ -29,7 +29,7 @@ def run_quantize(args: argparse.Namespace) -> None:
 
     from hybrid_sd.lowbit import QuantConfig, quantize_model
     from hybrid_sd.lowbit.storage import save_quantized_unet
-    from hybrid_sd.pairs import _load_unet
+    from hybrid_sd.pairs import load_unet
 
     config = QuantConfig(
         weight_bits=args.weight_bits,
@@ -38,7 +38,7 @@ def run_quantize(args: argparse.Namespace) -> None:
         symmetric=not args.asymmetric,
         skip=tuple(args.skip),
     )
-    unet = _load_unet(args.unet, torch.float32)
+    unet = load_unet(args.unet, torch.float32)
     report = quantize_model(unet, config)
     save_quantized_unet(unet, config, report, args.out)
     card = {

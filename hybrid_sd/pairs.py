@@ -114,7 +114,7 @@ def load_edge(
             shared = {name: getattr(cloud_pipe, name) for name in TEXT_COMPONENTS if hasattr(cloud_pipe, name)}
         edge_pipe = load_pipeline(spec.edge, dtype, **shared)
     else:
-        edge_pipe = type(cloud_pipe).from_pipe(cloud_pipe, unet=_load_unet(spec.edge, dtype))
+        edge_pipe = type(cloud_pipe).from_pipe(cloud_pipe, unet=load_unet(spec.edge, dtype))
     latent_space = pipeline_latent_space(edge_pipe)  # that of the VAE the UNet comes with
     if spec.edge_vae is not None:
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
@@ -149,7 +149,9 @@ def _is_pipeline(path: str) -> bool:
     return True
 
 
-def _load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
+def load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
+    """A UNet folder (or a pipeline's ``unet/``): standard, pruned (``pruning.json``) or low-bit
+    (``quantization.json``)."""
     subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
     folder = Path(path, subfolder or "")
     if (folder / PRUNING_FILE).is_file():  # channel- or head-pruned

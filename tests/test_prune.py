@@ -19,7 +19,7 @@ from compression.prune import (
 )
 from compression.prune.cost import module_macs, unit_costs
 from compression.prune.units import masked
-from hybrid_sd.pairs import _load_unet
+from hybrid_sd.pairs import load_unet
 
 BUDGET = 0.6
 
@@ -107,7 +107,7 @@ def test_block_removal_per_block_and_keeping_the_mid_block(unet, calibration, tm
     # A standard diffusers config: no extension, and diffusers loads it on its own.
     path = save_pruned(student, tmp_path / "edge-unet")
     assert not (path / PRUNING_FILE).exists()
-    for loaded in (UNet2DConditionModel.from_pretrained(path), _load_unet(str(path), torch.float32)):
+    for loaded in (UNet2DConditionModel.from_pretrained(path), load_unet(str(path), torch.float32)):
         assert torch.equal(calibration.run(loaded), calibration.run(student))
 
 
@@ -182,7 +182,7 @@ def test_pruned_unet_saves_and_loads_through_the_project_loader(unet, calibratio
     in_pipeline = save_pruned(pruned, tmp_path / "edge" / "unet")
     assert (bare / PRUNING_FILE).is_file()
     for path in (bare, tmp_path / "edge"):
-        assert torch.equal(calibration.run(_load_unet(str(path), torch.float32)), expected)
+        assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), expected)
     half = load_pruned_unet(in_pipeline, torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
 
@@ -195,4 +195,4 @@ def test_sdxl_student_blocks_removed_then_heads_pruned(tmp_path):
     assert report.params_after <= 0.9 * report.params_before
     assert all(":head" in name for name in report.removed)  # one norm group: heads only
     path = save_pruned(pruned, tmp_path / "edge-unet")
-    assert torch.equal(calibration.run(_load_unet(str(path), torch.float32)), calibration.run(pruned))
+    assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), calibration.run(pruned))
