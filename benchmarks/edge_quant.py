@@ -17,10 +17,7 @@ import torch
 
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.adherence import score_batch
-from hybrid_sd.shapes.evaluate import heldout_captions, heldout_images
-from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
+from hybrid_sd.shapes.evaluate import HeldoutSet
 
 STEPS = 20
 RESULTS = Path(__file__).parent / "results" / "edge_quant.json"
@@ -58,9 +55,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, unet in unets.items():
             times[name].append(call_time(unet, inputs))
-    captions = heldout_captions(args.prompts)
-    net = load_feature_net()
-    real = features(heldout_images(args.prompts), net)
+    heldout = HeldoutSet(args.prompts)
     rows = {}
     for name, unet in unets.items():
         pipeline.edge.pipe.unet = unet
@@ -68,12 +63,9 @@ def main() -> None:
         if name in reports:
             row["weight_bytes_vs_fp16"] = reports[name].fp16_bytes / reports[name].packed_bytes
         for k in (0, round(0.4 * STEPS)):
-            images = [
-                pipeline(GenerationRequest(text, switch_step=k, num_inference_steps=STEPS, seed=0)).image
-                for text in captions
-            ]
-            row[f"adherence_k{k}"] = score_batch(images, captions)["overall"]
-            row[f"fd_k{k}"] = frechet_distance(real, features(images, net))
+            scores = heldout.score(heldout.generate(pipeline, k, STEPS))
+            row[f"adherence_k{k}"] = scores["adherence"]["overall"]
+            row[f"fd_k{k}"] = scores["frechet_distance"]
         rows[name] = row
     pipeline.edge.pipe.unet = float_unet
     base = rows["float32"]["call_ms"]

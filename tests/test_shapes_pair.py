@@ -14,9 +14,7 @@ from hybrid_sd.pairs import embedded_spec, load_pair, preset
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.presets import DEFAULT_PAIR, EMBEDDED_PRESETS
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.adherence import score_batch
-from hybrid_sd.shapes.evaluate import gap_recovered, heldout_captions, heldout_images
-from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
+from hybrid_sd.shapes.evaluate import HeldoutSet, gap_recovered
 from hybrid_sd.shapes.model_card import write_model_card
 
 PAIR_DIR = EMBEDDED_PRESETS["shapes"]
@@ -64,19 +62,11 @@ def test_small_unet_takes_4_to_10_times_fewer_flops():
 def measured(pairs) -> dict[int, dict[str, float]]:
     """Overall adherence and FD of the large model alone, the small one alone and the hybrid at 40%."""
     pipeline = HybridPipeline(pairs["shapes"])
-    captions = heldout_captions(PROMPTS)
-    net = load_feature_net()
-    real = features(heldout_images(PROMPTS), net)
+    heldout = HeldoutSet(PROMPTS)
     results = {}
     for k in (0, HYBRID_K, STEPS):
-        images = [
-            pipeline(GenerationRequest(text, switch_step=k, num_inference_steps=STEPS, seed=0)).image
-            for text in captions
-        ]
-        results[k] = {
-            "adherence": score_batch(images, captions)["overall"],
-            "fd": frechet_distance(real, features(images, net)),
-        }
+        scores = heldout.score(heldout.generate(pipeline, k, STEPS))
+        results[k] = {"adherence": scores["adherence"]["overall"], "fd": scores["frechet_distance"]}
     return results
 
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.request import GenerationRequest
 from hybrid_sd.shapes.adherence import score_batch
 from hybrid_sd.shapes.dataset import Scene, ShapesDataset, caption, render
 from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
@@ -46,6 +47,30 @@ def heldout_captions(count: int) -> list[str]:
 
 def heldout_images(count: int, seed: int = HELDOUT_SEED) -> list[Image.Image]:
     return [render(scene) for scene in heldout_scenes(count, seed)]
+
+
+class HeldoutSet:
+    """Held-out captions with the feature-net features of their real renders: generates images for the
+    captions and scores images against both (adherence per attribute, Fréchet distance)."""
+
+    def __init__(self, count: int) -> None:
+        scenes = heldout_scenes(count)
+        self.captions = [caption(scene) for scene in scenes]
+        self.net = load_feature_net()
+        self.real_features = features([render(scene) for scene in scenes], self.net)
+
+    def generate(self, pipeline: HybridPipeline, switch_step: int, steps: int, seed: int = 0) -> list[Image.Image]:
+        return [
+            pipeline(GenerationRequest(text, switch_step=switch_step, num_inference_steps=steps, seed=seed)).image
+            for text in self.captions
+        ]
+
+    def score(self, images: list[Image.Image]) -> dict:
+        """``adherence`` (score_batch's means) and ``frechet_distance`` of images in caption order."""
+        return {
+            "adherence": score_batch(images, self.captions),
+            "frechet_distance": frechet_distance(self.real_features, features(images, self.net)),
+        }
 
 
 @torch.no_grad()
@@ -101,10 +126,10 @@ def evaluate(
     """Sweep the pair at ``pair_dir`` into ``sweep_dir``; return the evaluation and write it to
     ``pair_dir/evaluation.json``."""
     pipeline = HybridPipeline.from_pair(embedded_spec(pair_dir))
-    captions = heldout_captions(prompts)
+    heldout = HeldoutSet(prompts)
     config = SweepConfig(
         switch_steps=list(switch_steps),
-        prompts=captions,
+        prompts=heldout.captions,
         seeds=[seed],
         num_inference_steps=num_inference_steps,
         scheduler=None,
@@ -114,17 +139,12 @@ def evaluate(
     summary = run_sweep(config, in_process_runner(pipeline))
     with open(config.out / "results.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    net = load_feature_net()
-    real = heldout_images(prompts)
-    real_features = features(real, net)
     per_k = {}
     for k in config.ks:
         chosen = sorted((row for row in rows if int(row["switch_step"]) == k), key=lambda row: int(row["prompt_index"]))
         images = [Image.open(config.out / row["image"]).convert("RGB") for row in chosen]
-        texts = [captions[int(row["prompt_index"])] for row in chosen]
         per_k[str(k)] = {
-            "adherence": score_batch(images, texts),
-            "frechet_distance": frechet_distance(real_features, features(images, net)),
+            **heldout.score(images),
             "median_total_s": float(np.median([float(row["t_total_s"]) for row in chosen])),
             "cloud_unet_evaluations": int(chosen[0]["cloud_unet_evaluations"]),
         }
@@ -137,7 +157,9 @@ def evaluate(
         "guidance_scale": guidance_scale,
         "switch_steps": per_k,
         # The floor: a second real sample of the same size against the first.
-        "frechet_distance_real_vs_real": frechet_distance(real_features, features(heldout_images(prompts, 3000), net)),
+        "frechet_distance_real_vs_real": frechet_distance(
+            heldout.real_features, features(heldout_images(prompts, 3000), heldout.net)
+        ),
         "costs": model_costs(pipeline),
         "bytes": {name: folder_bytes(pair_dir / name) for name in ("cloud", "edge-unet", "edge-vae")},
         "summary": {k: entry["metrics"]["adherence"] for k, entry in summary["switch_steps"].items()},

@@ -18,7 +18,7 @@ def _percent(share: float | None) -> str:
     return "none (no gap)" if share is None else f"{100 * share:.0f}%"
 
 
-def _architecture_table(training: dict, evaluation: dict) -> list[str]:
+def _architecture_table(evaluation: dict) -> list[str]:
     costs, sizes = evaluation["costs"], evaluation["bytes"]
     rows = [
         ("large UNet (cloud)", "UNet2DConditionModel, channels 64/128/128, attention at 16², 8², 4²", "large_unet"),
@@ -122,7 +122,7 @@ def write_model_card(pair_dir: Path) -> Path:
         "",
         "## Models",
         "",
-        *_architecture_table(training, evaluation),
+        *_architecture_table(evaluation),
         "",
         "## Training",
         "",
