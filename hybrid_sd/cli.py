@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_security_arguments(remote)
     generate.set_defaults(handler=run_generate)
 
-    from hybrid_sd.cli_compress import add_compress_command
     from hybrid_sd.cli_serve import add_serving_commands
     from hybrid_sd.cli_sweep import add_sweep_command
     from hybrid_sd.cli_train import add_train_commands
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serving_commands(commands)
     add_sweep_command(commands)
     add_train_commands(commands)
-    add_compress_command(commands)
+    for plugin in entry_points(group="hybrid_sd.commands"):  # e.g. compress, from the compression package
+        plugin.load()(commands)
     return parser
 
 
@@ -84,6 +85,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument(
         "--edge-shares-text-encoder", action="store_true", help="run the edge on the cloud's text encoders"
     )
+    models.add_argument(
+        "--edge-bundle",
+        type=Path,
+        help="edge bundle folder (hybrid-sd compress) replacing the edge UNet (and decoder, if it has one)",
+    )
     models.add_argument("--device", help="torch device (default: cpu; cuda for a gateway with GPU replicas)")
     models.add_argument("--dtype", choices=DTYPES, default="float32")
 
@@ -94,6 +100,17 @@ def add_client_security_arguments(parser) -> None:
 
 
 def pair_spec(args: argparse.Namespace) -> PairSpec:
+    """The models the command line names: a preset or a cloud and an edge model, then ``--edge-bundle``."""
+    spec = named_pair(args)
+    if args.edge_bundle is None:
+        return spec
+    from hybrid_sd.bundle import bundle_spec
+
+    return bundle_spec(spec, args.edge_bundle)
+
+
+def named_pair(args: argparse.Namespace) -> PairSpec:
+    """The preset or cloud and edge models the command line names, before ``--edge-bundle``."""
     if args.cloud_model or args.edge_model:
         if args.pair and args.pair != os.environ.get("HYBRID_SD_PAIR"):
             raise ValueError("--pair cannot be combined with --cloud-model/--edge-model")

@@ -32,6 +32,7 @@ def add_serving_commands(commands) -> None:
     edge.add_argument("--cloud-timeout", type=float, help="seconds the cloud half may take before a fallback")
     edge.add_argument("--cloud-token", default=os.environ.get("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
     edge.add_argument("--torch-threads", type=int, help=THREADS_HELP)
+    edge.add_argument("--bundle", dest="edge_bundle", type=Path, help="the same as --edge-bundle")
     edge.set_defaults(handler=run_serve_edge)
 
     gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
@@ -300,7 +301,16 @@ def run_cluster_up(args: argparse.Namespace) -> None:
 def _model_flags(args: argparse.Namespace) -> list[str]:
     """The model arguments of ``cluster up``, for the serve commands it starts."""
     flags = []
-    for name in ("pair", "cloud_model", "edge_model", "edge_vae", "edge_vae_latent_space", "device", "dtype"):
+    for name in (
+        "pair",
+        "cloud_model",
+        "edge_model",
+        "edge_vae",
+        "edge_vae_latent_space",
+        "edge_bundle",
+        "device",
+        "dtype",
+    ):
         value = getattr(args, name)
         if value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]

@@ -154,10 +154,10 @@ def load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
     (``quantization.json``)."""
     subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
     folder = Path(path, subfolder or "")
+    if (folder / QUANTIZATION_FILE).is_file():  # low-bit weights (hybrid-sd compress quantize), maybe pruned
+        return load_quantized_unet(folder, dtype)
     if (folder / PRUNING_FILE).is_file():  # channel- or head-pruned
         return load_pruned_unet(folder, dtype)
-    if (folder / QUANTIZATION_FILE).is_file():  # low-bit weights (hybrid-sd compress quantize)
-        return load_quantized_unet(folder, dtype)
     return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
 
 

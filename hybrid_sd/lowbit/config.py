@@ -10,6 +10,7 @@ from hybrid_sd.lowbit.packing import check_bits
 
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ACTIVATION_BITS = (8, 16)
+KERNELS = ("int_mm", "onednn")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class QuantConfig:
     ``None`` means one per output channel. ``activation_bits=8`` quantizes activations dynamically
     per token and runs an int8 GEMM; ``16`` keeps them in float. ``skip`` holds ``fnmatch`` patterns
     of qualified module names (``"conv_in"``, ``"*.proj_out"``) to keep in float.
+
+    ``kernel`` picks the A8 path: ``"int_mm"`` (any weight width and grouping, per-token dynamic
+    activations, ``torch._int_mm`` on CPU and CUDA) or ``"onednn"`` (W8A8 with per-channel weights and
+    per-tensor static or dynamic activations on the x86 oneDNN kernels: the fast path on CPUs).
     """
 
     weight_bits: int = 8
@@ -28,6 +33,7 @@ class QuantConfig:
     symmetric: bool = True
     scale_dtype: str = "float16"
     skip: tuple[str, ...] = ()
+    kernel: str = "int_mm"
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -44,6 +50,15 @@ class QuantConfig:
         if isinstance(self.skip, str) or not all(isinstance(pattern, str) for pattern in self.skip):
             raise ValueError(f"skip must be a sequence of name patterns, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        onednn_shape = (self.weight_bits, self.activation_bits, self.group_size, self.symmetric)
+        if self.kernel == "onednn" and onednn_shape != (8, 8, None, True):
+            raise ValueError(
+                "kernel: 'onednn' runs W8A8 with symmetric per-channel weights (weight_bits=8, activation_bits=8,"
+                f" group_size=None, symmetric=True), got {self.mode} group_size={self.group_size}"
+                f" symmetric={self.symmetric}"
+            )
 
     @property
     def mode(self) -> str:

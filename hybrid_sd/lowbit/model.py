@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -10,16 +11,21 @@ from torch import nn
 
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.layers import QuantConv2d, QuantLinear
+from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_TYPES = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+QUANTIZED_TYPES = {
+    "int_mm": {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d},
+    "onednn": {nn.Linear: OneDnnLinear, nn.Conv2d: OneDnnConv2d},
+}
+NOT_SELECTED = "not selected"
 
 
 @dataclass
 class QuantReport:
-    """Which layers were quantized, which were kept in float (and the skip pattern that kept them), and
-    the quantized layers' weight bytes at fp16 against packed."""
+    """Which layers were quantized, which were kept in float (and why: the skip pattern that kept them,
+    or another reason), and the quantized layers' weight bytes at fp16 against packed."""
 
     mode: str
     quantized: list[str] = field(default_factory=list)
@@ -28,8 +34,9 @@ class QuantReport:
     packed_bytes: int = 0
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> QuantReport:
-    """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` below ``model`` not matched by ``config.skip``.
+def quantize_model(model: nn.Module, config: QuantConfig, names: Collection[str] | None = None) -> QuantReport:
+    """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` below ``model`` not matched by ``config.skip``
+    (and, when ``names`` is given, in it) by ``config.kernel``'s quantized layer.
 
     Only these exact types are replaced: a subclass may use its weight outside ``forward``.
     """
@@ -37,14 +44,14 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> QuantReport:
         raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
     report = QuantReport(config.mode)
     for name, layer in list(model.named_modules()):
-        quantized_type = QUANTIZED_TYPES.get(type(layer))
+        quantized_type = QUANTIZED_TYPES[config.kernel].get(type(layer))
         if quantized_type is None:
             continue
         if not name:
             raise ValueError(f"model must contain the layers to quantize, not be one: got {type(layer).__name__}")
         pattern = next((pattern for pattern in config.skip if fnmatchcase(name, pattern)), None)
-        if pattern is not None:
-            report.kept[name] = pattern
+        if pattern is not None or (names is not None and name not in names):
+            report.kept[name] = pattern or NOT_SELECTED
             continue
         quantized = quantized_type.from_float(layer, config)
         parent_name, _, child_name = name.rpartition(".")

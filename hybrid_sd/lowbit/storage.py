@@ -1,5 +1,6 @@
 """Quantized UNet folders: diffusers' ``config.json``, the quantized state dict as safetensors, and
-``quantization.json`` saying how to rebuild the low-bit layers before loading it::
+``quantization.json`` saying how to rebuild the low-bit layers before loading it (and, for a pruned UNet,
+its ``pruning.json``)::
 
     {"format": "hybrid-sd-lowbit", "version": 1, "config": {QuantConfig fields}, "quantized": [...], "kept": {...}}
 """
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.model import QuantReport, quantize_model
+from hybrid_sd.pruned.storage import PRUNING_FILE, apply_shapes, pruned_shapes
 
 QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -35,17 +37,24 @@ def save_quantized_unet(unet: UNet2DConditionModel, config: QuantConfig, report:
         "kept": report.kept,
     }
     (path / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    shapes = pruned_shapes(unet)
+    if shapes["resnets"] or shapes["attentions"]:
+        (path / PRUNING_FILE).write_text(json.dumps(shapes, indent=2) + "\n")
 
 
 def load_quantized_unet(path: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The quantized UNet saved at ``path``: its float skeleton, quantized by the saved config, then loaded."""
+    """The quantized UNet saved at ``path``: its float skeleton (pruned as saved), quantized by the saved
+    config, then loaded."""
     if dtype != torch.float32:
         raise ValueError(f"dtype: a quantized UNet keeps float32 activations outside its int8 kernels, got {dtype}")
     record = json.loads((path / QUANTIZATION_FILE).read_text())
     if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ValueError(f"{path / QUANTIZATION_FILE} is not a {FORMAT} version {VERSION} file")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))
-    report = quantize_model(unet, QuantConfig(**record["config"]))
+    if (path / PRUNING_FILE).is_file():
+        apply_shapes(unet, json.loads((path / PRUNING_FILE).read_text()))
+    config = QuantConfig(**record["config"])
+    report = quantize_model(unet, config, names=set(record["quantized"]))
     if report.quantized != record["quantized"]:
         raise ValueError(f"{path}: the saved configuration no longer quantizes the layers it did when saved")
     unet.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
