@@ -63,6 +63,9 @@ def add_compress_command(commands: argparse._SubParsersAction) -> None:
     quantize.add_argument(
         "--max-error", type=float, default=0.05, help="with --prompts: worst relative layer error to quantize"
     )
+    quantize.add_argument(
+        "--min-speedup", type=float, default=1.0, help="with --prompts: how much faster a layer must run to quantize"
+    )
     _add_sampling(quantize, "calibration prompts: static scales over every step, per-layer kernel choice")
 
     tiny = action("tiny-vae", "distil an AutoencoderTiny decoder from the cloud VAE", run_tiny_vae)
@@ -267,7 +270,7 @@ def run_quantize(args: argparse.Namespace) -> None:
         from compression.quantize import calibrate, choices_to_dict
 
         trajectories = context.trajectories(unet, read_prompts(args.prompts))
-        report, choices = calibrate(unet, calls_by_step(trajectories), config, args.max_error)
+        report, choices = calibrate(unet, calls_by_step(trajectories), config, args.max_error, args.min_speedup)
     else:
         report = quantize_model(unet, config)
     save_quantized_unet(unet, config, report, bundle.unet)

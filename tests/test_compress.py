@@ -1,40 +1,133 @@
-"""``hybrid-sd compress quantize``: a low-bit edge UNet that the engine loads, whose half of the split is
-deterministic and equals diffusers' loop with the same quantized UNet swapped in at k."""
+"""``hybrid-sd compress``: each action writes an edge bundle that the engine and the edge worker load; a
+quantized bundle's half of the split is deterministic and equals diffusers' loop with the same quantized
+UNet swapped in at k; W8A8 on the oneDNN kernels matches float within its bound and round-trips exactly."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
 
+from compression.prune.calibration import Calibration
+from compression.quantize import calibrate
+from hybrid_sd.bundle import bundle_spec, read_bundle
 from hybrid_sd.cli import main
-from hybrid_sd.pairs import load_pair, preset
+from hybrid_sd.lowbit import QuantConfig, quantize_model
+from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
+from hybrid_sd.lowbit.storage import save_quantized_unet
+from hybrid_sd.pairs import load_pair, load_unet, preset
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.state import HybridState
 from tests.conftest import load_reference
 from tests.reference import reference_run
 
+SAMPLING = ["--prompts", "shapes:2", "--sampling-steps", "4"]
+
 
 @pytest.fixture(scope="module")
-def quantized_pair(tmp_path_factory, pairs):
-    out = tmp_path_factory.mktemp("w8a8")
-    assert main(["compress", "quantize", "--unet", preset("shapes").edge, "--out", str(out)]) == 0
-    return load_pair(dataclasses.replace(preset("shapes"), edge=str(out))), out
+def bundles(tmp_path_factory, pairs) -> dict:
+    """One bundle per action, each built on the one before, as a user chains them."""
+    root = tmp_path_factory.mktemp("bundles")
+    paths = {name: root / name for name in ("w8a8", "pruned", "distilled", "onednn", "tiny", "export")}
+    commands = {
+        "w8a8": ["quantize", "--out", paths["w8a8"]],
+        "pruned": ["prune", "--budget", "0.7", "--calibration-rows", "4", *SAMPLING, "--out", paths["pruned"]],
+        "distilled": [
+            "distill",
+            "--edge-bundle",
+            paths["pruned"],
+            "--teacher",
+            "edge",
+            "--train-steps",
+            "6",
+            "--batch-size",
+            "4",
+            *SAMPLING,
+            "--out",
+            paths["distilled"],
+        ],
+        "onednn": [
+            "quantize",
+            "--edge-bundle",
+            paths["distilled"],
+            "--kernel",
+            "onednn",
+            "--max-error",
+            "0.5",
+            "--min-speedup",
+            "0",  # every layer within the error bound, whatever its speed on these small shapes
+            *SAMPLING,
+            "--out",
+            paths["onednn"],
+        ],
+        "tiny": ["tiny-vae", "--edge-bundle", paths["onednn"], "--train-steps", "4", *SAMPLING, "--out", paths["tiny"]],
+        "export": [
+            "export",
+            "--edge-bundle",
+            paths["tiny"],
+            "--switch-steps",
+            "0,2",
+            *SAMPLING,
+            "--out",
+            paths["export"],
+        ],
+    }
+    for name, command in commands.items():
+        assert main(["compress", *map(str, command)]) == 0, name
+    return paths
 
 
-def test_card_reports_the_packed_weights(quantized_pair):
-    card = json.loads((quantized_pair[1] / "card.json").read_text())
-    assert card["mode"] == "W8A8" and card["quantized_layers"] > 20
-    assert card["weight_bytes_fp16"] / card["weight_bytes_packed"] > 1.9
+def test_each_action_writes_a_bundle_that_records_its_history(bundles):
+    expected = {
+        "w8a8": ["quantize"],
+        "pruned": ["prune"],
+        "distilled": ["prune", "distill"],
+        "onednn": ["prune", "distill", "quantize"],
+        "tiny": ["prune", "distill", "quantize", "tiny-vae"],
+        "export": ["prune", "distill", "quantize", "tiny-vae", "export"],
+    }
+    for name, history in expected.items():
+        bundle = read_bundle(bundles[name])
+        assert [step["action"] for step in bundle.history] == history
+        assert bundle.card["history"] == history and bundle.card["unet_bytes"] > 0
+        assert bundle.card["macs_per_unet_step"] > 0
 
 
+def test_the_cards_report_what_each_action_did(bundles, pairs):
+    source_params = sum(p.numel() for p in pairs["shapes"].edge.pipe.unet.parameters())
+    pruned = read_bundle(bundles["pruned"]).card
+    assert pruned["params"] <= 0.7 * source_params and pruned["unet_params"] == pruned["params"]
+    distilled = read_bundle(bundles["distilled"]).card["distillation"]
+    assert distilled["steps"] == 6 and distilled["final_loss"] > 0
+    w8a8 = read_bundle(bundles["w8a8"]).card
+    assert w8a8["mode"] == "W8A8" and w8a8["quantized_layers"] > 20
+    assert w8a8["weight_bytes_fp16"] / w8a8["weight_bytes_packed"] > 1.9
+    onednn = read_bundle(bundles["onednn"])
+    choices = json.loads((onednn.path / "calibration.json").read_text())
+    assert {choice["name"] for choice in choices} == set(onednn.card["kept_in_float"]) | {
+        choice["name"] for choice in choices if choice["quantized"]
+    }
+    assert all(choice["reason"] for choice in choices if not choice["quantized"])
+    assert all(choice["low"] <= choice["high"] for choice in choices)  # every layer ran in calibration
+    tiny = read_bundle(bundles["tiny"])
+    assert tiny.vae is not None and tiny.vae_latent_space == pairs["shapes"].cloud.latent_space
+    quality = read_bundle(bundles["export"]).card["quality"]["by_switch_step"]
+    assert set(quality) == {"0", "2"}
+    for row in quality.values():
+        assert 0 <= row["adherence_compressed"] <= 1 and row["frechet_distance_reference"] >= 0
+        assert 0 < row["ssim_vs_uncompressed"] <= 1
+
+
+@pytest.mark.parametrize("name", ["w8a8", "onednn"])
 @pytest.mark.parametrize("switch_step", [0, 3, 6])
-def test_split_with_a_quantized_edge_equals_one_loop_switched_at_k(quantized_pair, switch_step):
-    pair = quantized_pair[0]
-    assert type(pair.edge.pipe.unet.conv_in).__name__ == "QuantConv2d"
+def test_split_with_a_quantized_bundle_equals_one_loop_switched_at_k(bundles, name, switch_step):
+    pair = load_pair(bundle_spec(preset("shapes"), bundles[name]))
+    assert type(pair.edge.pipe.unet.down_blocks[0].resnets[0].conv1).__name__ in ("QuantConv2d", "OneDnnConv2d")
+    assert not read_bundle(bundles[name]).card["kept_in_float"]
     request = GenerationRequest(
         "a small red circle above a large blue square",
         switch_step=switch_step,
@@ -49,8 +142,8 @@ def test_split_with_a_quantized_edge_equals_one_loop_switched_at_k(quantized_pai
     assert torch.equal(result.latents, expected)
 
 
-def test_the_quantized_edge_half_is_deterministic(quantized_pair):
-    pair = quantized_pair[0]
+def test_the_quantized_edge_half_is_deterministic(bundles):
+    pair = load_pair(bundle_spec(preset("shapes"), bundles["export"]))
     request = HybridPipeline(pair).check_inputs(
         GenerationRequest("a large green diamond", switch_step=2, num_inference_steps=6, seed=9)
     )
@@ -59,20 +152,65 @@ def test_the_quantized_edge_half_is_deterministic(quantized_pair):
     assert torch.equal(first, second)
 
 
+def test_generate_and_serve_take_a_bundle(bundles, tmp_path, capsys):
+    out = tmp_path / "bundle.png"
+    command = ["generate", "--prompt", "a large red circle", "--steps", "4", "--seed", "1"]
+    assert main([*command, "--edge-bundle", str(bundles["export"]), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(["serve", "edge", "--bundle", str(bundles["export"]), "--check"]) == 0
+    assert str(bundles["export"] / "unet") in capsys.readouterr().out
+    assert main([*command, "--edge-bundle", str(tmp_path), "--out", str(out)]) == 2
+    assert "bundle" in capsys.readouterr().err
+
+
+def test_a_calibrated_unet_saved_and_loaded_gives_equal_outputs(pairs, tmp_path):
+    unet = copy.deepcopy(pairs["shapes"].edge.pipe.unet)
+    calls = [Calibration.random(unet, batch_size=2, seed=seed) for seed in range(3)]
+    report, choices = calibrate(unet, calls, QuantConfig(8, 8, kernel="onednn"), max_error=0.5, min_speedup=0.0)
+    assert report.quantized == [choice.name for choice in choices] and not report.kept
+    assert all(module.static for module in unet.modules() if isinstance(module, OneDnnConv2d | OneDnnLinear))
+    save_quantized_unet(unet, QuantConfig(8, 8, kernel="onednn"), report, tmp_path)
+    loaded = load_unet(str(tmp_path), torch.float32)
+    probe = Calibration.random(unet, batch_size=2, seed=7)
+    assert torch.equal(probe.run(unet), probe.run(loaded))
+
+
+def test_calibration_keeps_layers_that_would_be_harmed(pairs):
+    unet = copy.deepcopy(pairs["shapes"].edge.pipe.unet)
+    calls = [Calibration.random(unet, batch_size=2, seed=0)]
+    report, choices = calibrate(unet, calls, QuantConfig(8, 8, kernel="onednn"), max_error=1e-6, min_speedup=0.0)
+    assert not report.quantized and len(report.kept) == len(choices)
+    assert all(reason.startswith("error") for reason in report.kept.values())
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_onednn_layers_match_float_within_bound(static):
+    torch.manual_seed(0)
+    layers = [nn.Linear(96, 80), nn.Conv2d(48, 64, 3, padding=1), nn.Conv2d(48, 32, 1), nn.Conv2d(32, 32, 3, 2, 1)]
+    inputs = [torch.randn(3, 7, 96), torch.randn(2, 48, 12, 12), torch.randn(2, 48, 9, 9), torch.randn(1, 32, 10, 10)]
+    for layer, x in zip(layers, inputs, strict=True):
+        model = nn.Sequential(layer)
+        quantize_model(model, QuantConfig(8, 8, kernel="onednn"))
+        if static:
+            model[0].set_input_range(x.min().item(), x.max().item())
+        expected, actual = layer(x), model(x)
+        assert actual.shape == expected.shape
+        assert ((actual - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_onednn_kernel_is_w8a8_only():
+    with pytest.raises(ValueError, match="kernel"):
+        QuantConfig(4, 8, kernel="onednn")
+    with pytest.raises(ValueError, match="kernel"):
+        QuantConfig(8, 8, kernel="cuda")
+
+
 def test_bad_bit_width_is_refused_naming_the_field(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "compress",
-                "quantize",
-                "--unet",
-                preset("shapes").edge,
-                "--weight-bits",
-                "9",
-                "--out",
-                str(tmp_path / "bad"),
-            ]
-        )
-        == 2
-    )
+    command = ["compress", "quantize", "--weight-bits", "9", "--out", str(tmp_path / "bad")]
+    assert main(command) == 2
     assert "weight_bits" in capsys.readouterr().err
+
+
+def test_an_action_needing_prompts_says_so(tmp_path, capsys):
+    assert main(["compress", "prune", "--budget", "0.5", "--out", str(tmp_path / "p")]) == 2
+    assert "--prompts" in capsys.readouterr().err

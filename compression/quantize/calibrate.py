@@ -96,9 +96,9 @@ def calibrate(
     report = quantize_model(unet, config, names={choice.name for choice in choices if choice.quantized})
     modules = dict(unet.named_modules())
     for choice in choices:
-        if choice.quantized:
-            _copy_input_range(quantized_layers[choice.name], modules[choice.name])
-        else:
+        if choice.quantized and config.kernel == "onednn":
+            modules[choice.name].set_input_range(choice.low, choice.high)
+        elif not choice.quantized:
             report.kept[choice.name] = choice.reason
     return report, choices
 
@@ -180,8 +180,3 @@ def _time_both(layer: nn.Module, quantized: nn.Module, x: torch.Tensor) -> tuple
                 times[module].append((time.perf_counter() - started) * 1e3)
     return statistics.median(times[layer]), statistics.median(times[quantized])
 
-
-def _copy_input_range(source: nn.Module, target: nn.Module) -> None:
-    if hasattr(source, "input_scale"):
-        target.input_scale.copy_(source.input_scale)
-        target.input_zero_point.copy_(source.input_zero_point)
