@@ -38,7 +38,6 @@ import json
 import platform
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,46 +47,16 @@ import diffusers
 import torch
 import torch._inductor.config
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from compression.prune import Calibration, count_params, find_units, prune_channels, remove_blocks
-from compression.prune.units import unit_count
+from compression.prune import Calibration, count_params, prune_channels, remove_blocks
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
-SD_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
+try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.gpu_kernels``, the root is
+    from sd_architectures import SD15_UNET_CONFIG, SD_VAE_CONFIG, magnitude_significance
+except ImportError:
+    from benchmarks.sd_architectures import SD15_UNET_CONFIG, SD_VAE_CONFIG, magnitude_significance
+
 # The CPU dry run's stand-ins: the same block structure, narrow.
 TINY_UNET_CONFIG = {
     **SD15_UNET_CONFIG,
@@ -331,38 +300,6 @@ def decoder_section(run: Run, scale: Scale, timing: Timing) -> None:
 
 
 # --------------------------------------------------------------------------------------- a. pruned UNets
-
-
-def magnitude_significance(unet: UNet2DConditionModel) -> dict[str, float]:
-    """A weight-magnitude stand-in for :func:`compression.prune.measure_significance`, for this timing
-    benchmark only: by :attr:`PruneUnit.name`, the L2 norm of the weights each unit owns over the mean
-    of its module's units.
-
-    ``measure_significance`` runs the UNet once per unit (528 on BK-SDM-Small), too slow here and
-    meaningless on random weights. A resnet's GroupNorm-group unit owns its ``conv1`` output rows and
-    ``conv2`` input columns; an attention head its ``to_q``, ``to_k`` and ``to_v`` rows and ``to_out``
-    columns. Dividing by the module's mean makes scores comparable across modules of different
-    fan-in, so on random weights the budget spreads over the modules about evenly: a near-uniformly
-    narrowed model of the right size, which is what the timing needs.
-    """
-    scores: dict[str, float] = {}
-    modules = dict(unet.named_modules())
-    by_module: dict[str, list[str]] = defaultdict(list)
-    for unit in find_units(unet):
-        by_module[unit.module].append(unit.name)
-    for module_name, names in by_module.items():
-        module = modules[module_name]
-        count = unit_count(module)
-        if isinstance(module, ResnetBlock2D):
-            owned = [module.conv1.weight, module.conv2.weight.transpose(0, 1)]
-        elif isinstance(module, Attention):
-            owned = [module.to_q.weight, module.to_k.weight, module.to_v.weight, module.to_out[0].weight.t()]
-        else:
-            raise TypeError(f"no magnitude rule for {type(module).__name__} {module_name}")
-        # A unit's channels are a contiguous block of its width (hybrid_sd.pruned.reshape.unit_channels).
-        norms = sum(weight.detach().float().reshape(count, -1).pow(2).sum(dim=1) for weight in owned).sqrt()
-        scores.update(zip(names, (norms / norms.mean()).tolist(), strict=True))
-    return scores
 
 
 def pruned_unets(full: UNet2DConditionModel) -> tuple[dict[str, UNet2DConditionModel], dict[str, Any]]:

@@ -7,8 +7,10 @@ times, interleaved and repeated, medians reported:
 
 - ``fp32``: ``nn.Linear`` / ``nn.Conv2d`` on float32;
 - ``bf16``: the same layer cast to bf16 on bf16 input (channels-last for convs);
-- ``w8a8``: ``QuantLinear`` / ``QuantConv2d`` W8A8, per-channel weights, float32 in and out, so
-  dynamic activation quantization and the im2col are counted;
+- ``w8a8``: ``QuantLinear`` / ``QuantConv2d`` W8A8 (the portable ``int_mm`` kernel), per-channel
+  weights, float32 in and out, so dynamic per-token activation quantization and the im2col are counted;
+- ``onednn``, ``onednn_static``: ``OneDnnLinear`` / ``OneDnnConv2d`` on PyTorch's oneDNN int8 kernels,
+  float32 in and out, activation scale measured per call or fixed (calibrated);
 - ``int_mm``: the bare int8 GEMM of the same shape, the ceiling of the int8 path.
 
     .venv/bin/python benchmarks/int8_kernels.py [--quick] [--repeats 20] [--threads N]
@@ -27,6 +29,10 @@ import torch
 from torch import nn
 
 from hybrid_sd.lowbit import QuantConfig, QuantConv2d, QuantLinear
+from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
+
+ONEDNN = QuantConfig(8, 8, kernel="onednn")
+METHODS = ("fp32", "bf16", "w8a8", "onednn", "onednn_static", "int_mm")
 
 # (name, tokens, in, out): tokens of one image at the UNet level where the layer runs.
 LINEAR_SHAPES = [
@@ -79,12 +85,16 @@ def linear_case(tokens: int, in_features: int, out_features: int) -> dict[str, C
     x = torch.randn(tokens, in_features)
     layer_bf16, x_bf16 = nn.Linear(in_features, out_features).to(torch.bfloat16), x.to(torch.bfloat16)
     quantized = QuantLinear.from_float(layer, QuantConfig(8, 8))
+    onednn, onednn_static = (OneDnnLinear.from_float(layer, ONEDNN) for _ in range(2))
+    onednn_static.set_input_range(x.min().item(), x.max().item())
     a = torch.randint(-127, 128, (tokens, in_features), dtype=torch.int8)
     b = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
     return {
         "fp32": lambda: layer(x),
         "bf16": lambda: layer_bf16(x_bf16),
         "w8a8": lambda: quantized(x),
+        "onednn": lambda: onednn(x),
+        "onednn_static": lambda: onednn_static(x),
         "int_mm": lambda: torch._int_mm(a, b.t()),
     }
 
@@ -97,12 +107,16 @@ def conv_case(in_channels: int, out_channels: int, side: int) -> dict[str, Calla
     )
     x_bf16 = x.to(torch.bfloat16, memory_format=torch.channels_last)
     quantized = QuantConv2d.from_float(layer, QuantConfig(8, 8))
+    onednn, onednn_static = (OneDnnConv2d.from_float(layer, ONEDNN) for _ in range(2))
+    onednn_static.set_input_range(x.min().item(), x.max().item())
     a = torch.randint(-127, 128, (side * side, in_channels * 9), dtype=torch.int8)
     b = torch.randint(-127, 128, (out_channels, in_channels * 9), dtype=torch.int8)
     return {
         "fp32": lambda: layer(x),
         "bf16": lambda: layer_bf16(x_bf16),
         "w8a8": lambda: quantized(x),
+        "onednn": lambda: onednn(x),
+        "onednn_static": lambda: onednn_static(x),
         "int_mm": lambda: torch._int_mm(a, b.t()),
     }
 
@@ -130,18 +144,15 @@ def main() -> None:
         if not args.quick or name in QUICK_CONV
     ]
     rows = []
-    print(f"{'layer':26} {'shape':22} {'fp32 ms':>8} {'bf16 ms':>8} {'w8a8 ms':>8} {'int_mm ms':>9} ", end="")
-    print(f"{'bf16 x':>7} {'w8a8 x':>7} {'int_mm x':>8}")
+    print(f"{'layer':26} {'shape':22}" + "".join(f" {method + ' ms':>16}" for method in METHODS), end="")
+    print("".join(f" {method + ' x':>15}" for method in METHODS[1:]))
     for name, shape, candidates in cases:
         medians = time_interleaved(candidates, repeats)
         row = {"layer": name, "shape": shape, **{f"{key}_ms": value * 1e3 for key, value in medians.items()}}
-        row.update({f"{key}_speedup": medians["fp32"] / medians[key] for key in ("bf16", "w8a8", "int_mm")})
+        row.update({f"{key}_speedup": medians["fp32"] / medians[key] for key in METHODS[1:]})
         rows.append(row)
-        print(
-            f"{name:26} {shape:22} {row['fp32_ms']:8.2f} {row['bf16_ms']:8.2f} {row['w8a8_ms']:8.2f}"
-            f" {row['int_mm_ms']:9.2f} {row['bf16_speedup']:7.2f} {row['w8a8_speedup']:7.2f}"
-            f" {row['int_mm_speedup']:8.2f}"
-        )
+        print(f"{name:26} {shape:22}" + "".join(f" {row[method + '_ms']:16.2f}" for method in METHODS), end="")
+        print("".join(f" {row[method + '_speedup']:15.2f}" for method in METHODS[1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
     args.out.write_text(json.dumps(summary, indent=2))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SHAPES_CAPTIONS = "shapes:"
 
 
 def add_compress_command(commands: argparse._SubParsersAction) -> None:
@@ -87,7 +86,7 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(parser: argparse.ArgumentParser, prompts_help: str, rows: int | None = None) -> None:
-    parser.add_argument("--prompts", help=f"{prompts_help}: a file, one a line, or shapes:N")
+    parser.add_argument("--prompts", help=f"{prompts_help}: a file, one a line, shapes:N or shapes-train:N")
     parser.add_argument("--sampling-steps", type=int, default=20, help="denoising steps of each generation")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -96,16 +95,15 @@ def _add_sampling(parser: argparse.ArgumentParser, prompts_help: str, rows: int 
 
 
 def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
-    """A prompt file, one a line, or ``shapes:N``: the first N held-out captions of the shapes pair."""
+    """A prompt file, one a line; ``shapes:N``, the first N held-out captions of the shapes pair (what
+    ``evaluate-shapes`` measures on); or ``shapes-train:N``, N captions of its training scenes."""
     if value is None:
         raise ValueError(f"{flag} is required for this action")
-    if value.startswith(SHAPES_CAPTIONS):
-        from hybrid_sd.shapes.evaluate import heldout_captions
-
-        count = value[len(SHAPES_CAPTIONS) :]
+    source, _, count = value.partition(":")
+    if source in SHAPES_PROMPTS:
         if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{flag}: shapes:N needs a positive N, got {value!r}")
-        return heldout_captions(int(count))
+            raise ValueError(f"{flag}: {source}:N needs a positive N, got {value!r}")
+        return SHAPES_PROMPTS[source](int(count))
     path = Path(value)
     if not path.is_file():
         raise ValueError(f"{flag}: no prompt file at {value}")
@@ -113,6 +111,22 @@ def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
     if not prompts:
         raise ValueError(f"{flag}: {value} holds no prompts")
     return prompts
+
+
+def _heldout_captions(count: int) -> list[str]:
+    from hybrid_sd.shapes.evaluate import heldout_captions
+
+    return heldout_captions(count)
+
+
+def _training_captions(count: int) -> list[str]:
+    from hybrid_sd.shapes.dataset import ShapesDataset, caption
+
+    dataset = ShapesDataset(count)
+    return [caption(dataset.scene(index)) for index in range(count)]
+
+
+SHAPES_PROMPTS = {"shapes": _heldout_captions, "shapes-train": _training_captions}
 
 
 class _Context:
@@ -335,7 +349,7 @@ def run_export(args: argparse.Namespace) -> None:
     if any(not 0 <= k <= args.sampling_steps for k in switch_steps):
         raise ValueError(f"--switch-steps must lie in [0, --sampling-steps={args.sampling_steps}], got {switch_steps}")
     prompts = read_prompts(args.prompts)
-    heldout = HeldoutSet(len(prompts)) if args.prompts.startswith(SHAPES_CAPTIONS) else None
+    heldout = HeldoutSet(len(prompts)) if args.prompts.startswith("shapes:") else None
     context = _Context(args)
     device, dtype = args.device or "cpu", getattr(torch, args.dtype)
     reference = HybridPipeline(load_pair(named_pair(args), device, dtype))
