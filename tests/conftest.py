@@ -42,3 +42,12 @@ def pairs(pair_specs) -> dict[str, ModelPair]:
 def load_reference(path: str) -> DiffusionPipeline:
     """diffusers' own pipeline for a tiny model folder, on the CPU in float32."""
     return DiffusionPipeline.from_pretrained(path, safety_checker=None, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread than synchronising several (and never wait on a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
