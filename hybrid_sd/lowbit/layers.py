@@ -105,9 +105,11 @@ class QuantLinear(_QuantLayer):
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, weights: bool = True) -> QuantLinear:
+        """The quantized form of ``linear``; ``weights=False`` gives the shapes only, for a state dict to fill."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
-        layer.set_weight(linear.weight, linear.bias)
+        if weights:
+            layer.set_weight(linear.weight, linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,8 @@ class QuantConv2d(_QuantLayer):
         return (width, width, height, height)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
+    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, weights: bool = True) -> QuantConv2d:
+        """The quantized form of ``conv``; ``weights=False`` gives the shapes only, for a state dict to fill."""
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -176,7 +179,8 @@ class QuantConv2d(_QuantLayer):
             conv.padding_mode,
             config,
         )
-        layer.set_weight(conv.weight, conv.bias)
+        if weights:
+            layer.set_weight(conv.weight, conv.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,12 @@ class QuantReport:
     packed_bytes: int = 0
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, names: Collection[str] | None = None) -> QuantReport:
+def quantize_model(
+    model: nn.Module, config: QuantConfig, names: Collection[str] | None = None, weights: bool = True
+) -> QuantReport:
     """Replace, in place, every ``nn.Linear`` and ``nn.Conv2d`` below ``model`` not matched by ``config.skip``
-    (and, when ``names`` is given, in it) by ``config.kernel``'s quantized layer.
+    (and, when ``names`` is given, in it) by ``config.kernel``'s quantized layer. ``weights=False`` builds the
+    quantized layers' shapes only (the float model may then be a skeleton on the meta device).
 
     Only these exact types are replaced: a subclass may use its weight outside ``forward``.
     """
@@ -53,7 +56,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, names: Collection[str]
         if pattern is not None or (names is not None and name not in names):
             report.kept[name] = pattern or NOT_SELECTED
             continue
-        quantized = quantized_type.from_float(layer, config)
+        quantized = quantized_type.from_float(layer, config, weights)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, quantized)
         report.quantized.append(name)

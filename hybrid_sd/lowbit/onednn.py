@@ -111,9 +111,11 @@ class OneDnnLinear(_OneDnnLayer):
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig) -> OneDnnLinear:
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, weights: bool = True) -> OneDnnLinear:
+        """The quantized form of ``linear``; ``weights=False`` gives the shapes only, for a state dict to fill."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
-        layer.set_weight(linear.weight, linear.bias)
+        if weights:
+            layer.set_weight(linear.weight, linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,8 @@ class OneDnnConv2d(_OneDnnLayer):
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig) -> OneDnnConv2d:
+    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, weights: bool = True) -> OneDnnConv2d:
+        """The quantized form of ``conv``; ``weights=False`` gives the shapes only, for a state dict to fill."""
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"padding: oneDNN layers take numeric zero padding, got {conv.padding!r}")
         layer = cls(
@@ -174,7 +177,8 @@ class OneDnnConv2d(_OneDnnLayer):
             conv.bias is not None,
             config,
         )
-        layer.set_weight(conv.weight, conv.bias)
+        if weights:
+            layer.set_weight(conv.weight, conv.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

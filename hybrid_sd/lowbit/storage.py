@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.model import QuantReport, quantize_model
+from hybrid_sd.pruned.empty import assign_weights, empty_unet
 from hybrid_sd.pruned.storage import PRUNING_FILE, apply_shapes, pruned_shapes
 
 QUANTIZATION_FILE = "quantization.json"
@@ -43,19 +44,17 @@ def save_quantized_unet(unet: UNet2DConditionModel, config: QuantConfig, report:
 
 
 def load_quantized_unet(path: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The quantized UNet saved at ``path``: its float skeleton (pruned as saved), quantized by the saved
-    config, then loaded."""
+    """The quantized UNet saved at ``path``: its float skeleton on the meta device (pruned as saved), the saved
+    layers swapped for quantized ones of the saved config, then every tensor assigned from the file."""
     if dtype != torch.float32:
         raise ValueError(f"dtype: a quantized UNet keeps float32 activations outside its int8 kernels, got {dtype}")
     record = json.loads((path / QUANTIZATION_FILE).read_text())
     if record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ValueError(f"{path / QUANTIZATION_FILE} is not a {FORMAT} version {VERSION} file")
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))
+    unet = empty_unet(UNet2DConditionModel.load_config(path))
     if (path / PRUNING_FILE).is_file():
         apply_shapes(unet, json.loads((path / PRUNING_FILE).read_text()))
-    config = QuantConfig(**record["config"])
-    report = quantize_model(unet, config, names=set(record["quantized"]))
+    report = quantize_model(unet, QuantConfig(**record["config"]), names=set(record["quantized"]), weights=False)
     if report.quantized != record["quantized"]:
         raise ValueError(f"{path}: the saved configuration no longer quantizes the layers it did when saved")
-    unet.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
-    return unet.eval()
+    return assign_weights(unet, load_file(path / WEIGHTS_FILE)).eval()
