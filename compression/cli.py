@@ -20,7 +20,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-
 def add_compress_command(commands: argparse._SubParsersAction) -> None:
     """Add ``compress`` and its actions to the ``hybrid-sd`` subcommands."""
     from hybrid_sd.cli import add_model_arguments
@@ -135,12 +134,13 @@ class _Context:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from hybrid_sd.bundle import read_bundle
+        from hybrid_sd.bundle import check_out, read_bundle
         from hybrid_sd.cli import pair_spec
         from hybrid_sd.pairs import load_pair
 
         self.args = args
         self.source_bundle = read_bundle(args.edge_bundle) if args.edge_bundle else None
+        check_out(args.out, self.source_bundle)  # before any work
         self.spec = pair_spec(args)
         self.pair = load_pair(self.spec, args.device or "cpu", getattr(torch, args.dtype))
 
@@ -175,6 +175,15 @@ class _Context:
         return bundle
 
 
+def check_float_source(args: argparse.Namespace, verb: str) -> None:
+    """Refuse to start from a quantized bundle: low-bit layers neither train nor quantize again."""
+    from hybrid_sd.bundle import read_bundle
+    from hybrid_sd.lowbit.storage import QUANTIZATION_FILE
+
+    if args.edge_bundle is not None and (read_bundle(args.edge_bundle).unet / QUANTIZATION_FILE).is_file():
+        raise ValueError(f"--edge-bundle holds a quantized UNet: {verb} the float model, then quantize it")
+
+
 def calls_by_step(trajectories) -> list:
     """The recorded UNet inputs as one :class:`Calibration` per sampling step (all prompts together)."""
     import torch
@@ -187,8 +196,6 @@ def spread_rows(trajectories, count: int) -> list[int]:
     """``count`` row indices spread evenly over the trajectories (and so over the timesteps)."""
     import torch
 
-    if count < 1:
-        raise ValueError(f"--calibration-rows must be at least 1, got {count}")
     return torch.linspace(0, len(trajectories) - 1, min(count, len(trajectories))).round().long().tolist()
 
 
@@ -197,9 +204,14 @@ def run_prune(args: argparse.Namespace) -> None:
     from compression.prune import count_macs, count_params, prune_channels, remove_blocks
     from hybrid_sd.pruned.storage import save_pruned
 
+    if not 0 < args.budget <= 1:
+        raise ValueError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    if args.calibration_rows < 1:
+        raise ValueError(f"--calibration-rows must be at least 1, got {args.calibration_rows}")
+    prompts = read_prompts(args.prompts)
     context = _Context(args)
     unet = context.source_unet()
-    calibration = context.trajectories(unet, read_prompts(args.prompts))
+    calibration = context.trajectories(unet, prompts)
     calibration = calibration.batch(spread_rows(calibration, args.calibration_rows))
     measure = count_params if args.metric == "params" else (lambda model: count_macs(model, calibration))
     source_cost = measure(unet)
@@ -210,8 +222,6 @@ def run_prune(args: argparse.Namespace) -> None:
     channel_budget = args.budget * source_cost / measure(student)
     if channel_budget < 1:
         student, report = prune_channels(student, channel_budget, calibration, args.metric)
-    elif not 0 < args.budget <= 1:
-        raise ValueError(f"--budget must be a fraction in (0, 1], got {args.budget}")
     bundle = context.start(
         "prune",
         budget=args.budget,
@@ -236,6 +246,8 @@ def run_distill(args: argparse.Namespace) -> None:
 
     if args.edge_bundle is None:
         raise ValueError("--edge-bundle (the student to distil) is required")
+    check_float_source(args, "distil")
+    prompts = read_prompts(args.prompts)
     config = DistillConfig(
         steps=args.train_steps,
         batch_size=args.batch_size,
@@ -251,7 +263,7 @@ def run_distill(args: argparse.Namespace) -> None:
 
         teacher = load_unet(named_pair(args).edge, torch.float32)
     student = context.pair.edge.pipe.unet.float().train()
-    data = context.trajectories(teacher, read_prompts(args.prompts))
+    data = context.trajectories(teacher, prompts)
     stats = distill_unet(teacher, student, data, config)
     bundle = context.start("distill", teacher=args.teacher, prompts=len(data.prompts), **asdict(config))
     save_pruned(student, bundle.unet)
@@ -275,15 +287,17 @@ def run_quantize(args: argparse.Namespace) -> None:
     )
     if args.prompts is not None and config.kernel != "onednn":
         raise ValueError("--prompts (calibration of static activation scales) needs --kernel onednn")
+    check_float_source(args, "quantize")
+    prompts = None if args.prompts is None else read_prompts(args.prompts)
     context = _Context(args)
     unet = context.source_unet()
     bundle = context.start("quantize", **asdict(config), calibrated=args.prompts is not None)
     float_card = size_card(bundle, unet)  # MACs of the float architecture: the int8 kernels do the same work
     choices = None
-    if args.prompts is not None:
+    if prompts is not None:
         from compression.quantize import calibrate, choices_to_dict
 
-        trajectories = context.trajectories(unet, read_prompts(args.prompts))
+        trajectories = context.trajectories(unet, prompts)
         report, choices = calibrate(unet, calls_by_step(trajectories), config, args.max_error, args.min_speedup)
     else:
         report = quantize_model(unet, config)
@@ -315,9 +329,10 @@ def run_tiny_vae(args: argparse.Namespace) -> None:
     config = TinyVaeConfig(
         steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, encoder=args.encoder
     )
+    prompts = read_prompts(args.prompts)
     context = _Context(args)
     cloud = context.pair.cloud
-    latents = context.trajectories(cloud.pipe.unet, read_prompts(args.prompts)).final_latents
+    latents = context.trajectories(cloud.pipe.unet, prompts).final_latents
     tiny, stats = distill_tiny_vae(cloud.pipe.vae.float(), latents, config)
     bundle = context.start("tiny-vae", **asdict(config), latents=len(latents))
     bundle.vae_latent_space = cloud.latent_space

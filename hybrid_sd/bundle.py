@@ -69,13 +69,21 @@ def read_bundle(path: str | Path) -> Bundle:
     return bundle
 
 
-def start_bundle(out: str | Path, source: Bundle | None) -> Bundle:
-    """An empty bundle folder at ``out`` that carries over ``source``'s decoder and history."""
+def check_out(out: str | Path, source: Bundle | None = None) -> Path:
+    """``out`` if a bundle may be written there: a new or empty folder, or a bundle other than ``source``."""
     out = Path(out)
     if source is not None and out.resolve() == source.path.resolve():
         raise ValueError(f"out: {out} is the input bundle; write to a new folder")
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / BUNDLE_FILE).is_file():
+        raise ValueError(f"out: {out} exists and is not an edge bundle; refusing to overwrite it")
+    return out
+
+
+def start_bundle(out: str | Path, source: Bundle | None) -> Bundle:
+    """An empty bundle folder at ``out`` (replacing a bundle there, never another folder) that carries over
+    ``source``'s decoder and history."""
+    out = check_out(out, source)
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if source is None:
         return Bundle(out)

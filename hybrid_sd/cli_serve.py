@@ -326,8 +326,12 @@ def _interrupt(signum, frame) -> None:
 def _wait_until_serving(target: str, processes: list[subprocess.Popen], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while asyncio.run(_health(target, "", 2.0, None)) != 0:
-        if any(process.poll() is not None for process in processes):
-            raise RuntimeError(f"a cluster process exited before {target} was serving")
+        exited = [process for process in processes if process.poll() is not None]
+        if exited:
+            command = " ".join(exited[0].args[3:6])
+            raise RuntimeError(
+                f"'{command}' exited with code {exited[0].returncode} before {target} was serving (its output is above)"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{target} was not serving after {timeout:.0f} s")
         time.sleep(0.5)

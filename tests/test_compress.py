@@ -214,3 +214,17 @@ def test_bad_bit_width_is_refused_naming_the_field(tmp_path, capsys):
 def test_an_action_needing_prompts_says_so(tmp_path, capsys):
     assert main(["compress", "prune", "--budget", "0.5", "--out", str(tmp_path / "p")]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_an_existing_folder_that_is_not_a_bundle_is_never_overwritten(tmp_path, capsys):
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    assert main(["compress", "quantize", "--out", str(tmp_path)]) == 2
+    assert "out" in capsys.readouterr().err and keep.read_text() == "mine"
+
+
+def test_a_quantized_bundle_is_not_distilled_or_quantized_again(bundles, tmp_path, capsys):
+    for action in (["distill", *SAMPLING], ["quantize"]):
+        command = ["compress", *action, "--edge-bundle", str(bundles["w8a8"]), "--out", str(tmp_path / "x")]
+        assert main(command) == 2
+        assert "quantized UNet" in capsys.readouterr().err

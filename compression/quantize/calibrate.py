@@ -179,4 +179,3 @@ def _time_both(layer: nn.Module, quantized: nn.Module, x: torch.Tensor) -> tuple
             if repeat:
                 times[module].append((time.perf_counter() - started) * 1e3)
     return statistics.median(times[layer]), statistics.median(times[quantized])
-
