@@ -37,6 +37,8 @@ from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+RAY_START_ATTEMPTS = 3
+
 
 @dataclass
 class GatewayConfig:
@@ -102,14 +104,23 @@ def deploy(config: GatewayConfig):
             # offers no resources, so every replica runs on the cloud nodes.
             subprocess.run(["ray", "start", "--address", address, "--num-cpus", "0", "--num-gpus", "0"], check=True)
             address = "auto"
-        ray.init(
-            address=address,
-            num_cpus=config.ray_num_cpus if address is None else None,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        _init_ray(address, config.ray_num_cpus if address is None else None)
     application = bind(config.pair, config.replicas, config.device, config.dtype)
     return serve.run(application, name=APP_NAME, route_prefix=None)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    """``ray.init``, tried again when a local node misses Ray's fixed 30 s registration window, which a
+    busy machine (models loading beside it on two cores) can make it miss."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            logger.warning("Ray node start timed out (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS)
+            ray.shutdown()
 
 
 @asynccontextmanager
