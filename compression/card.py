@@ -18,12 +18,16 @@ from hybrid_sd.request import GenerationRequest
 from hybrid_sd.shapes.evaluate import HeldoutSet
 
 
-def size_card(bundle: Bundle, float_unet: UNet2DConditionModel, extra: dict | None = None) -> dict:
+def unet_cost(float_unet: UNet2DConditionModel) -> dict:
     """Parameters and MACs of one UNet evaluation (batch 1, the native latent size; classifier-free guidance
-    doubles it) of the float architecture, and the bundle's weight bytes on disk."""
+    doubles it) of a float architecture; int8 kernels do the same multiply-accumulates."""
     calibration = Calibration.random(float_unet, batch_size=1)
-    card = {"unet_params": count_params(float_unet), "macs_per_unet_step": count_macs(float_unet, calibration)}
-    return {**card, **carried_card(bundle), **(extra or {})}
+    return {"unet_params": count_params(float_unet), "macs_per_unet_step": count_macs(float_unet, calibration)}
+
+
+def size_card(bundle: Bundle, float_unet: UNet2DConditionModel, extra: dict | None = None) -> dict:
+    """:func:`unet_cost` of ``float_unet`` and the bundle's weight bytes on disk."""
+    return {**unet_cost(float_unet), **carried_card(bundle), **(extra or {})}
 
 
 def carried_card(bundle: Bundle) -> dict:

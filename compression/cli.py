@@ -273,7 +273,7 @@ def run_distill(args: argparse.Namespace) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> None:
-    from compression.card import size_card
+    from compression.card import carried_card, unet_cost
     from hybrid_sd.lowbit import QuantConfig, quantize_model
     from hybrid_sd.lowbit.storage import save_quantized_unet
 
@@ -292,7 +292,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     context = _Context(args)
     unet = context.source_unet()
     bundle = context.start("quantize", **asdict(config), calibrated=args.prompts is not None)
-    float_card = size_card(bundle, unet)  # MACs of the float architecture: the int8 kernels do the same work
+    cost = unet_cost(unet)  # of the float architecture, before its layers are swapped
     choices = None
     if prompts is not None:
         from compression.quantize import calibrate, choices_to_dict
@@ -304,20 +304,16 @@ def run_quantize(args: argparse.Namespace) -> None:
     save_quantized_unet(unet, config, report, bundle.unet)
     if choices is not None:
         (bundle.path / "calibration.json").write_text(json.dumps(choices_to_dict(choices), indent=2) + "\n")
-    card = size_card(
-        bundle,
-        unet,
-        {
-            "macs_per_unet_step": float_card["macs_per_unet_step"],
-            "unet_params": float_card["unet_params"],
-            "mode": config.mode,
-            "kernel": config.kernel,
-            "quantized_layers": len(report.quantized),
-            "kept_in_float": report.kept,
-            "weight_bytes_fp16": report.fp16_bytes,
-            "weight_bytes_packed": report.packed_bytes,
-        },
-    )
+    card = {
+        **cost,
+        **carried_card(bundle),
+        "mode": config.mode,
+        "kernel": config.kernel,
+        "quantized_layers": len(report.quantized),
+        "kept_in_float": report.kept,
+        "weight_bytes_fp16": report.fp16_bytes,
+        "weight_bytes_packed": report.packed_bytes,
+    }
     bundle.write(card)
     print(json.dumps({key: value for key, value in card.items() if key != "kept_in_float"}))
 
