@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 RAY_START_ATTEMPTS = 3
+RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 @dataclass
@@ -110,14 +112,17 @@ def deploy(config: GatewayConfig):
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
-    """``ray.init``, tried again when a local node misses Ray's fixed 30 s registration window, which a
-    busy machine (models loading beside it on two cores) can make it miss."""
+    """``ray.init``, tried again when a local node misses one of Ray's start-up windows (its raylet's fixed
+    30 s registration, the GCS port file), which a busy machine (models loading beside it on two cores) can
+    make it miss; the GCS window, which Ray lets one set, is widened unless the environment sets it."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
-        except Exception as error:  # Ray raises a bare Exception for this timeout
-            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+        except Exception as error:  # Ray raises a bare Exception or a RuntimeError for these timeouts
+            start_timeout = any(text in str(error) for text in RAY_START_TIMEOUTS)
+            if not start_timeout or attempt == RAY_START_ATTEMPTS:
                 raise
             logger.warning("Ray node start timed out (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS)
             ray.shutdown()
