@@ -53,6 +53,7 @@ from hybrid_sd.lowbit import PackedWeight, QuantConfig, quantize_model, quantize
 from hybrid_sd.lowbit.onednn import onednn_available
 
 try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.edge_compression``, the root is
+    from reporting import print_table, relative_error
     from sd_architectures import (
         HYBRID_SD_PRUNED_PARAMS,
         SD15_UNET_CONFIG,
@@ -61,6 +62,7 @@ try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.e
         prune_to_params,
     )
 except ModuleNotFoundError:
+    from benchmarks.reporting import print_table, relative_error
     from benchmarks.sd_architectures import (
         HYBRID_SD_PRUNED_PARAMS,
         SD15_UNET_CONFIG,
@@ -101,29 +103,6 @@ def time_interleaved(
     return {
         name: {"ms": statistics.median(runs), "runs_ms": [round(t, 1) for t in runs]} for name, runs in times.items()
     }
-
-
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain text table: floats to 3 significant places (whole numbers from 100), missing values as ``-``."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
-
-    cells = [[cell(value) for value in row] for row in rows]
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
-    print(f"\n== {title}")
-    for row in [[str(h) for h in header], *cells]:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-    print(flush=True)
-
-
-def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
-    y, reference = y.float(), reference.float()
-    return ((y - reference).norm() / reference.norm()).item()
 
 
 def unet_inputs(side: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

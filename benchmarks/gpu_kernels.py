@@ -38,7 +38,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,10 @@ from compression.prune import Calibration, count_params, prune_channels, remove_
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 
 try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.gpu_kernels``, the root is
+    from reporting import print_table, relative_error
     from sd_architectures import SD15_UNET_CONFIG, SD_VAE_CONFIG, magnitude_significance
 except ImportError:
+    from benchmarks.reporting import print_table, relative_error
     from benchmarks.sd_architectures import SD15_UNET_CONFIG, SD_VAE_CONFIG, magnitude_significance
 
 # The CPU dry run's stand-ins: the same block structure, narrow.
@@ -199,24 +201,6 @@ def time_interleaved(
     return results
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A plain text table: floats to 3 significant places, missing values as ``-``."""
-
-    def cell(value: object) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
-        return str(value)
-
-    cells = [[cell(value) for value in row] for row in rows]
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
-    print(f"\n== {title}")
-    print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
-    for row in cells:
-        print("  ".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True)), flush=True)
-
-
 def tensor_bytes(tensor: torch.Tensor) -> int:
     """Storage bytes of a tensor, summed over the inner tensors of a subclass (torchao's quantized ones)."""
     if hasattr(tensor, "__tensor_flatten__"):
@@ -226,10 +210,6 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(tensor) for tensor in [*model.parameters(), *model.buffers()])
-
-
-def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((y.float() - reference).norm() / reference.norm()).item()
 
 
 # --------------------------------------------------------------------------------------------- d. GEMMs

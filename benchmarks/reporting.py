@@ -1,0 +1,30 @@
+"""What the SD-scale benchmarks share: a plain text table and the relative error of an output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain text table: floats to 3 significant places (whole numbers from 100), missing values as ``-``."""
+
+    def cell(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    cells = [[cell(value) for value in row] for row in rows]
+    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    print(f"\n== {title}")
+    for row in [[str(h) for h in header], *cells]:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    print(flush=True)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    y, reference = y.float(), reference.float()
+    return ((y - reference).norm() / reference.norm()).item()
