@@ -1,12 +1,38 @@
 #!/usr/bin/env bash
-# Create .venv at the repository root and install hybrid-sd with its pinned dependencies.
-# Safe to run again: pip only installs what is missing.
+# Set up everything the commands and the tests need on a bare machine: .venv at the repository root
+# with hybrid-sd and its pinned dependencies, the generated gRPC stubs, and the test tools: the dev
+# extra (pytest, ruff) and docker-compose, with which tests/test_compose.py validates the cluster
+# files (no Docker engine is needed). `--runtime-only` (the image, docker/Dockerfile) skips the
+# test tools. Safe to run again: each step only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+runtime_only=false
+case "${1:-}" in
+  "") ;;
+  --runtime-only) runtime_only=true ;;
+  *) echo "usage: bash scripts/setup.sh [--runtime-only]" >&2; exit 2 ;;
+esac
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+if $runtime_only; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
+else
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+fi
 # The gRPC stubs are build output (git-ignored), generated from the one API contract.
 .venv/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
   protos/hybrid_sd/v1/hybrid_sd.proto
+
+# Debian's docker-compose (1.29) resolves and validates the compose files against the Compose
+# specification. It is not a pip dependency: its PyPI release pins an old PyYAML and docker SDK.
+if ! $runtime_only && ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq -o DPkg::Lock::Timeout=300
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 docker-compose >/dev/null
+  else
+    echo "setup.sh: docker-compose is missing and needs root to install (Debian: sudo apt-get install" \
+      "docker-compose); the compose tests fail without it" >&2
+  fi
+fi

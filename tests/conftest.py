@@ -12,6 +12,9 @@ from diffusers import DiffusionPipeline
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import PairSpec
 
+# Any skip but those marked may_skip fails the run (skip_policy.py).
+pytest_plugins = ["skip_policy"]
+
 # The random-weight tiny pairs of both architectures, and the trained shapes pair shipped in the package.
 FAMILIES = {"sd1": "tiny-sd1", "sdxl": "tiny-sdxl", "shapes": "shapes"}
 

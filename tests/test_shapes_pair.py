@@ -112,6 +112,7 @@ def test_train_shapes_command_writes_a_pair_that_loads_and_its_card(tmp_path):
     assert (sweep / "results.csv").is_file() and (sweep / "grid.png").is_file()
 
 
+@pytest.mark.may_skip
 @pytest.mark.skipif(
     not os.environ.get("HYBRID_SD_RETRAIN"), reason="retrains the pair (about an hour); set HYBRID_SD_RETRAIN=1"
 )
