@@ -113,7 +113,7 @@ def test_health_of_nothing_fails():
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not on PATH: run scripts/setup.sh")
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not on PATH: run setup.sh")
 def test_every_compose_service_command_passes_check(model_home):
     from tests.test_compose import service_commands
 
