@@ -16,6 +16,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError, QueueFullError, RunCancelledError
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.rpc import ProgressCallback, seconds_left
@@ -32,11 +33,12 @@ APP_NAME = "hybrid-sd-cloud"
 class CloudDenoiserDeployment:
     """One replica holds the large model and denoises one request at a time."""
 
-    def __init__(self, pair: dict, device: str, dtype: str, torch_threads: int):
+    def __init__(self, pair: dict, device: str, dtype: str, torch_threads: int, limits: dict):
         # Ray limits an actor to OMP_NUM_THREADS=num_cpus; CPU kernels reduce in a thread-count
         # dependent order, so a bit-exact handoff needs the thread count the edge uses.
         torch.set_num_threads(torch_threads)
         self.denoiser = load_cloud(PairSpec(**pair), device, getattr(torch, dtype))
+        self.denoiser.limits = RequestLimits(**limits)
         self.lane = ComputeLane()
         self.replica = serve.get_replica_context().replica_tag
 
@@ -67,7 +69,7 @@ class ReplicaConfig:
     torch_threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
 
-def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str):
+def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str, limits: RequestLimits):
     """The Serve application for ``serve.run``."""
     options = dict(
         ray_actor_options={"num_gpus": replicas.gpus_per_replica, "num_cpus": replicas.cpus_per_replica},
@@ -82,7 +84,7 @@ def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str):
     else:
         options["num_replicas"] = replicas.replicas
     return CloudDenoiserDeployment.options(**options).bind(
-        dataclasses.asdict(pair), device, dtype, replicas.torch_threads
+        dataclasses.asdict(pair), device, dtype, replicas.torch_threads, dataclasses.asdict(limits)
     )
 
 

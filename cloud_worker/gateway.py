@@ -23,6 +23,7 @@ from ray import serve
 
 from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind
 from hybrid_sd import orchestrate
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.rpc import (
     CLOUD_DENOISER,
@@ -35,6 +36,7 @@ from hybrid_sd.rpc import (
 from hybrid_sd.service import as_events, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+from hybrid_sd.wire import request_from_pb
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class GatewayConfig:
     dtype: str = "float32"
     security: Security = field(default_factory=Security)
     edge_token: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -64,33 +67,37 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class GatewayHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
-    def __init__(self, pair_name: str, cloud: RayCloudClient, edge: GrpcEdgeClient):
-        self.pair_name, self.cloud, self.edge = pair_name, cloud, edge
+    def __init__(self, pair_name: str, cloud: RayCloudClient, edge: GrpcEdgeClient, limits: RequestLimits):
+        self.pair_name, self.cloud, self.edge, self.limits = pair_name, cloud, edge, limits
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         return await orchestrate.generate(
-            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name
+            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name, limits=self.limits
         )
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         async for event in orchestrate.generate_stream(
-            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name
+            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name, limits=self.limits
         ):
             yield event
 
 
 class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
-    def __init__(self, cloud: RayCloudClient):
-        self.cloud = cloud
+    """The cloud half for edge-initiated requests; a request over the limits never reaches a replica."""
+
+    def __init__(self, cloud: RayCloudClient, limits: RequestLimits):
+        self.cloud, self.limits = cloud, limits
 
     async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
+        self.limits.check(request_from_pb(request.request))
         return await self.cloud.denoise(request.request, _deadline(context))
 
     async def DenoiseStream(
         self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DenoiseEvent]:
+        self.limits.check(request_from_pb(request.request))
         call = partial(self.cloud.denoise, request.request, _deadline(context))
         async for event in as_events(with_progress(call), pb.DenoiseEvent, "handoff"):
             yield event
@@ -107,7 +114,7 @@ def deploy(config: GatewayConfig):
             subprocess.run(["ray", "start", "--address", address, "--num-cpus", "0", "--num-gpus", "0"], check=True)
             address = "auto"
         _init_ray(address, config.ray_num_cpus if address is None else None)
-    application = bind(config.pair, config.replicas, config.device, config.dtype)
+    application = bind(config.pair, config.replicas, config.device, config.dtype, config.limits)
     return serve.run(application, name=APP_NAME, route_prefix=None)
 
 
@@ -136,9 +143,9 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_HybridDiffusionServicer_to_server(
-            GatewayHybridDiffusionServicer(config.pair_name, cloud, edge), server
+            GatewayHybridDiffusionServicer(config.pair_name, cloud, edge, config.limits), server
         )
-        pb_grpc.add_CloudDenoiserServicer_to_server(GatewayCloudDenoiserServicer(cloud), server)
+        pb_grpc.add_CloudDenoiserServicer_to_server(GatewayCloudDenoiserServicer(cloud, config.limits), server)
 
     server = await start_server(register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security)
     logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)

@@ -22,6 +22,7 @@ import torch
 
 from hybrid_sd import orchestrate
 from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.rpc import (
@@ -53,6 +54,7 @@ class EdgeConfig:
     security: Security = field(default_factory=Security)
     cloud_token: str | None = None
     torch_threads: int | None = None  # intra-op threads; must match the cloud's for a bit-exact split
+    limits: RequestLimits = field(default_factory=RequestLimits)
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
 
@@ -71,7 +73,9 @@ class EdgeWorker:
 
     async def load(self) -> None:
         config = self.config
-        self.denoiser = await asyncio.to_thread(load_edge, config.pair, config.device, config.dtype)
+        denoiser = await asyncio.to_thread(load_edge, config.pair, config.device, config.dtype)
+        denoiser.limits = config.limits
+        self.denoiser = denoiser
         logger.info("edge model %s loaded", config.pair.edge)
 
     def _work(self, message: pb.RefineRequest):
@@ -131,6 +135,7 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
             deadline=_deadline(context),
             cloud_deadline=None if timeout is None else time.time() + timeout,
             served_pair=self.worker.config.pair_name,
+            limits=self.worker.config.limits,
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hybrid_sd.limits import RequestLimits, add_limit_arguments, limits_from_args
 
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_EDGE_PORT = 50052
@@ -58,6 +61,7 @@ def add_serving_commands(commands) -> None:
     up.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port (edge: the next one)")
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
+    add_limit_arguments(up)
     up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")
     up.add_argument("--out", type=Path, default=Path("out/hybrid.png"), help="image file for --generate")
     up.add_argument("--switch-step", type=int, help="for --generate")
@@ -84,6 +88,7 @@ def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
         "--tls-ca", type=Path, default=_env_path("HYBRID_SD_TLS_CA"), help="CA of the servers this one calls"
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    add_limit_arguments(parser)
 
 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +161,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         security=_security(args),
         cloud_token=args.cloud_token,
         torch_threads=_positive("--torch-threads", args.torch_threads),
+        limits=limits_from_args(args),
     )
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
@@ -193,6 +199,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         security=_security(args),
         edge_token=args.edge_token,
+        limits=limits_from_args(args),
     )
     if args.check:
         print(f"gateway configuration is valid: {spec.cloud} on {args.host}:{args.port}, edge {args.edge}")
@@ -254,7 +261,7 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     Ray locally with the denoiser deployment. The edge can reach the gateway too."""
     _check_port(args.port)
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
-    common = _model_flags(args)
+    common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
     base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
@@ -317,6 +324,13 @@ def _model_flags(args: argparse.Namespace) -> list[str]:
     if args.edge_shares_text_encoder:
         flags.append("--edge-shares-text-encoder")
     return flags
+
+
+def _limit_flags(limits: RequestLimits) -> list[str]:
+    """The request limits of ``cluster up``, for both services it starts."""
+    return [
+        arg for name, value in dataclasses.asdict(limits).items() for arg in ("--" + name.replace("_", "-"), str(value))
+    ]
 
 
 def _interrupt(signum, frame) -> None:

@@ -15,6 +15,7 @@ from diffusers import SchedulerMixin, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from hybrid_sd.conditioning import Conditioning
+from hybrid_sd.errors import NonFiniteLatentsError
 from hybrid_sd.schedulers import step_kwargs
 
 # Called after every loop iteration with {"step": i, "total": iterations in the schedule,
@@ -68,6 +69,11 @@ def denoise(
                 # Section 3.4 of "Common Diffusion Noise Schedules and Sample Steps are Flawed".
                 noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance.rescale)
         latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        if not torch.isfinite(latents).all():
+            raise NonFiniteLatentsError(
+                f"latents became NaN or Inf at step {i + 1} of {len(scheduler.timesteps)}"
+                f" (timestep {int(t)}, {type(scheduler).__name__})"
+            )
         if callback is not None:
             callback({"step": i, "total": len(scheduler.timesteps), "timestep": t, "latents": latents})
     return latents

@@ -16,6 +16,7 @@ from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import Conditioning, encode_conditioning, text_encoder_fingerprint
 from hybrid_sd.denoise import Guidance, StepCallback, denoise
 from hybrid_sd.errors import IncompatibleModelsError
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import make_scheduler, resolve_scheduler, scheduler_from_config, uses_generator
 from hybrid_sd.state import HybridState
@@ -63,6 +64,8 @@ class Denoiser:
         self.latent_space = latent_space or pipeline_latent_space(pipe)
         # Looked up once: diffusers walks every module for offload hooks on each access.
         self.device: torch.device = pipe._execution_device
+        # What one request may cost; servers set it, in-process use has no limits.
+        self.limits: RequestLimits | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -84,6 +87,10 @@ class Denoiser:
         """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size and
         scheduler (this model's own class)."""
         request.check()
+        if self.limits is not None:
+            self.limits.check(request)  # before anything reads the prompt
+            for name in ("prompt", "negative_prompt"):
+                self.limits.check_tokens(name, len(self.pipe.tokenizer.tokenize(getattr(request, name) or "")))
         model_scheduler = type(self.pipe.scheduler).__name__
         resolve_scheduler(request.scheduler, model_scheduler)
         request = dataclasses.replace(
@@ -93,6 +100,8 @@ class Denoiser:
             scheduler=request.scheduler or model_scheduler,
         )
         self.check_size(request)
+        if self.limits is not None:
+            self.limits.check(request)  # the size the model filled in
         self._check_schedule(request)
         return request
 
@@ -106,6 +115,17 @@ class Denoiser:
             raise ValueError(
                 f"num_inference_steps {request.num_inference_steps} is too many for {type(scheduler).__name__}"
                 f" on {train_steps} training timesteps"
+            )
+        timesteps = scheduler.timesteps
+        repeated = (timesteps[1:] == timesteps[:-1]).nonzero()
+        if "solver_order" in scheduler.config and repeated.numel():
+            # DPM-Solver++, DEIS and UniPC step in log-SNR: a repeated timestep is a step of length 0, and
+            # their multistep update divides by it (diffusers' linspace spacing does this at as many steps
+            # as training timesteps).
+            raise ValueError(
+                f"num_inference_steps {request.num_inference_steps} repeats timestep"
+                f" {int(timesteps[repeated[0, 0]])} in {type(scheduler).__name__}'s schedule, a step of length"
+                " zero that its solver divides by: choose fewer steps"
             )
 
     def check_size(self, request: GenerationRequest) -> None:
@@ -199,6 +219,8 @@ class Denoiser:
             )
         request = state.request
         self.check_size(request)
+        if self.limits is not None:
+            self.limits.check(request)
         expected = (
             1,
             self.pipe.unet.config.in_channels,

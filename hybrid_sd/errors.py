@@ -19,3 +19,7 @@ class CloudUnavailableError(Exception):
 
 class QueueFullError(Exception):
     """Too many requests are waiting for a denoiser (RESOURCE_EXHAUSTED)."""
+
+
+class NonFiniteLatentsError(RuntimeError):
+    """The latents became NaN or Inf at a denoising step (INTERNAL): no image is made from them."""

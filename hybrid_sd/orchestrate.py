@@ -14,6 +14,7 @@ from functools import partial
 from typing import Protocol
 
 from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.rpc import ProgressCallback
 from hybrid_sd.service import as_events, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
@@ -45,15 +46,18 @@ async def generate(
     cloud_deadline: float | None = None,
     on_progress: ProgressCallback | None = None,
     served_pair: str | None = None,
+    limits: RequestLimits | None = None,
 ) -> pb.GenerateResponse:
     """Serve one request. ``deadline`` is the caller's (wall clock); ``cloud_deadline``, if earlier,
     bounds the cloud half so that an edge fallback still has time to run. ``on_progress`` hears of
-    every UNet evaluation on either side. A request naming a pair other than ``served_pair`` is
-    refused."""
+    every UNet evaluation on either side. A request naming a pair other than ``served_pair``, or over
+    ``limits``, is refused before any work."""
     started = time.perf_counter()
     if message.pair and served_pair and message.pair != served_pair:
         raise ValueError(f"pair {message.pair!r} is not served here; this server runs {served_pair!r}")
     request = request_from_pb(message).with_defaults()  # ValueError names a bad field
+    if limits is not None:
+        limits.check(request)
     message = request_to_pb(request, message)
 
     handoff: pb.Handoff | None = None
@@ -94,9 +98,10 @@ async def generate_stream(
     deadline: float | None = None,
     cloud_deadline: float | None = None,
     served_pair: str | None = None,
+    limits: RequestLimits | None = None,
 ) -> AsyncIterator[pb.GenerateEvent]:
     """:func:`generate` as a stream: a progress event per UNet evaluation, then the result."""
-    call = partial(generate, message, cloud, edge, deadline, cloud_deadline, served_pair=served_pair)
+    call = partial(generate, message, cloud, edge, deadline, cloud_deadline, served_pair=served_pair, limits=limits)
     async for event in as_events(with_progress(call), pb.GenerateEvent, "result"):
         yield event
 

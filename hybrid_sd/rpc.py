@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,6 +23,7 @@ from hybrid_sd.errors import (
     CloudUnavailableError,
     DeadlineExceededError,
     IncompatibleModelsError,
+    NonFiniteLatentsError,
     QueueFullError,
     RunCancelledError,
 )
@@ -107,6 +109,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         (RunCancelledError, grpc.StatusCode.CANCELLED),
         (CloudUnavailableError, grpc.StatusCode.UNAVAILABLE),
         (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (NonFiniteLatentsError, grpc.StatusCode.INTERNAL),
     ):
         if isinstance(error, error_type):
             return code, str(error)
@@ -115,50 +118,86 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a servicer into status codes, so a bad request never surfaces as
-    UNKNOWN and never takes the server down."""
+    UNKNOWN and never takes the server down.
+
+    Request bytes are parsed inside the wrapped handler, not by grpc.aio before it: undecodable
+    bytes are a bad request (INVALID_ARGUMENT), on every method of every service."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not (handler.unary_unary or handler.unary_stream):
+        if handler is None:
             return handler
         method = handler_call_details.method
+        parse = _parser(method, handler.request_deserializer)
 
         async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
             code, details = status_for(error)
-            if code == grpc.StatusCode.INTERNAL:
+            if code == grpc.StatusCode.INTERNAL and not isinstance(error, NonFiniteLatentsError):
                 logger.exception("%s failed", method)
+            else:
+                logger.info("%s: %s: %s", method, code.name, details)
             await context.abort(code, details)
 
         if handler.unary_unary:
             inner = handler.unary_unary
 
-            async def unary_unary(request, context):
+            async def unary_unary(request: bytes, context):
                 try:
-                    response = inner(request, context)
+                    response = inner(parse(request), context)
                     return await response if inspect.isawaitable(response) else response
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as error:  # noqa: BLE001 - every error must become a status
                     await abort(context, error)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
 
-        inner_stream = handler.unary_stream
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
 
-        async def unary_stream(request, context):
-            try:
-                async for response in inner_stream(request, context):
-                    yield response
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as error:  # noqa: BLE001
-                await abort(context, error)
+            async def unary_stream(request: bytes, context):
+                try:
+                    async for response in inner_stream(parse(request), context):
+                        yield response
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    await abort(context, error)
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
+
+        if handler.stream_stream:  # server reflection
+            inner_bidi = handler.stream_stream
+
+            async def stream_stream(requests, context):
+                async def parsed():
+                    async for request in requests:
+                        yield parse(request)
+
+                try:
+                    async for response in inner_bidi(parsed(), context):
+                        yield response
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    await abort(context, error)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+        return handler
+
+
+def _parser(method: str, deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object]:
+    """``deserializer`` raising ValueError (INVALID_ARGUMENT) for bytes that are not its message."""
+    if deserializer is None:
+        return lambda request: request
+
+    def parse(request: bytes) -> object:
+        try:
+            return deserializer(request)
+        except DecodeError as error:
+            raise ValueError(f"request to {method} is not a valid protobuf message: {error}") from None
+
+    return parse
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
