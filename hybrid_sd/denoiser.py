@@ -118,10 +118,10 @@ class Denoiser:
             )
         timesteps = scheduler.timesteps
         repeated = (timesteps[1:] == timesteps[:-1]).nonzero()
-        if "solver_order" in scheduler.config and repeated.numel():
-            # DPM-Solver++, DEIS and UniPC step in log-SNR: a repeated timestep is a step of length 0, and
-            # their multistep update divides by it (diffusers' linspace spacing does this at as many steps
-            # as training timesteps).
+        if hasattr(scheduler, "lambda_t") and repeated.numel():
+            # DPM-Solver++, DEIS and UniPC step in log-SNR (lambda_t): a repeated timestep is a step of
+            # length 0, and their multistep update divides by it (diffusers' linspace spacing does this at
+            # as many steps as training timesteps). PLMS repeats one on purpose.
             raise ValueError(
                 f"num_inference_steps {request.num_inference_steps} repeats timestep"
                 f" {int(timesteps[repeated[0, 0]])} in {type(scheduler).__name__}'s schedule, a step of length"

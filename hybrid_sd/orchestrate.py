@@ -18,7 +18,7 @@ from hybrid_sd.limits import RequestLimits
 from hybrid_sd.rpc import ProgressCallback
 from hybrid_sd.service import as_events, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-from hybrid_sd.wire import request_from_pb, request_to_pb
+from hybrid_sd.wire import check_output_format, request_from_pb, request_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ async def generate(
     if message.pair and served_pair and message.pair != served_pair:
         raise ValueError(f"pair {message.pair!r} is not served here; this server runs {served_pair!r}")
     request = request_from_pb(message).with_defaults()  # ValueError names a bad field
+    check_output_format(message.output_format)
     if limits is not None:
         limits.check(request)
     message = request_to_pb(request, message)

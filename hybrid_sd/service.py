@@ -16,7 +16,15 @@ from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
 from hybrid_sd.rpc import ProgressCallback
 from hybrid_sd.schedulers import loop_index
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-from hybrid_sd.wire import encode_image, handoff_from_pb, handoff_to_pb, request_from_pb, request_to_pb, tensor_to_pb
+from hybrid_sd.wire import (
+    check_output_format,
+    encode_image,
+    handoff_from_pb,
+    handoff_to_pb,
+    request_from_pb,
+    request_to_pb,
+    tensor_to_pb,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +50,7 @@ class ComputeLane:
         loop = asyncio.get_running_loop()
 
         def check(step: dict) -> None:
+            """Called after every UNet evaluation, and with ``{}`` between stages."""
             if stop.is_set():
                 raise RunCancelledError("request cancelled")
             if deadline is not None and time.time() > deadline:
@@ -101,6 +110,7 @@ def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str,
     request = denoiser.resolve(request_from_pb(message))
     started = time.perf_counter()
     state = denoiser.begin(request)
+    callback({})  # a cancelled or expired request stops between stages too
     encoded = time.perf_counter()
     end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
     state = denoiser.denoise(state, end, callback)
@@ -117,6 +127,7 @@ def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str,
 def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, callback: StepCallback) -> pb.ImageResult:
     """The rest of the schedule and the decode on the small model; or, given a request rather
     than a handoff, the whole schedule (switch_step 0)."""
+    check_output_format(message.output_format)
     result = pb.ImageResult(edge_worker=worker)
     started = time.perf_counter()
     if message.HasField("handoff"):
@@ -127,12 +138,14 @@ def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, call
         request = denoiser.resolve(request_from_pb(message.request))
         state = denoiser.begin(request)
         result.encode_prompt_seconds = time.perf_counter() - started
+    callback({})  # a cancelled or expired request stops between stages too
     started = time.perf_counter()
     start_index = state.step_index
     state = denoiser.denoise(state, state.loop_length, callback)
     result.edge_denoise_seconds = time.perf_counter() - started
     result.edge_unet_evaluations = state.loop_length - start_index
     result.request.CopyFrom(request_to_pb(state.request))
+    callback({})
     started = time.perf_counter()
     if message.output_format == pb.OUTPUT_FORMAT_LATENTS or message.include_latents:
         result.latents.CopyFrom(tensor_to_pb(state.latents))

@@ -116,6 +116,13 @@ def handoff_from_pb(message: pb.Handoff) -> HybridState:
     return HybridState.from_parts(document, tensors)
 
 
+def check_output_format(output_format: int) -> None:
+    """Refuse an output format that is neither an image format nor latents, before any work."""
+    if output_format not in IMAGE_FORMATS and output_format != pb.OUTPUT_FORMAT_LATENTS:
+        known = ", ".join(pb.OutputFormat.Name(value) for value in (*IMAGE_FORMATS, pb.OUTPUT_FORMAT_LATENTS))
+        raise ValueError(f"output_format {output_format} is not one of {known}")
+
+
 def encode_image(image: PIL.Image.Image, output_format: int) -> tuple[bytes, str]:
     """Image bytes and MIME type for a non-latent output format."""
     if output_format not in IMAGE_FORMATS:

@@ -144,7 +144,11 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
         (dict(seed=2**63), "seed must be in"),
         (dict(pair="sdxl-vega"), "pair 'sdxl-vega' is not served here"),
-        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is too many for PNDMScheduler"),
+        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is over this server's limit of 150"),
+        (dict(prompt="x" * 5000), "prompt is 5000 bytes; this server takes at most 4096"),
+        (dict(prompt="a " * 600), "prompt is 600 tokens; this server takes at most 512"),
+        (dict(width=4096, height=2048), "width x height 4096x2048 = 8388608 pixels is over"),
+        (dict(output_format=99), "output_format 99 is not one of"),
     ],
 )
 @pytest.mark.parametrize("entry", ["gateway", "edge"])
