@@ -1,12 +1,15 @@
 """The large-model denoiser as a Ray Serve deployment: steps [0, k) of a request per call.
 
-Requests and handoffs cross Ray as serialized protobuf bytes, so nothing of ours is pickled.
+Requests and handoffs cross Ray as serialized protobuf bytes, so nothing of ours is pickled. A request
+the replica refuses (a bad field, past its deadline, cancelled) comes back as a value, not an exception:
+Ray Serve logs every exception a replica raises with its traceback, and a refusal is not a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -15,7 +18,13 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from hybrid_sd.errors import CloudUnavailableError, DeadlineExceededError, QueueFullError, RunCancelledError
+from hybrid_sd.errors import (
+    CloudUnavailableError,
+    DeadlineExceededError,
+    IncompatibleModelsError,
+    QueueFullError,
+    RunCancelledError,
+)
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
@@ -23,13 +32,23 @@ from hybrid_sd.rpc import ProgressCallback, seconds_left
 from hybrid_sd.service import ComputeLane, as_events, cloud_denoise, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 
+logger = logging.getLogger(__name__)
+
 APP_NAME = "hybrid-sd-cloud"
+DEPLOYMENT_NAME = "CloudDenoiser"
+# What a replica answers with instead of raising: (error class name, message).
+Rejection = tuple[str, str]
+# The errors a replica refuses a request with, most specific first.
+REJECTED = {
+    error.__name__: error for error in (IncompatibleModelsError, ValueError, DeadlineExceededError, RunCancelledError)
+}
 
 
 # A replica denoises one request at a time (its ComputeLane) but accepts a few more, so the next one
 # is already waiting when the lane frees: measured 1.04x the sequential rate with 8 clients on one
 # replica, against 0.63x when Serve's router held every request until the replica was idle.
-@serve.deployment(name="CloudDenoiser", max_ongoing_requests=4)
+# Health checks every 2 s (Serve's default is 10 s): a dead replica is noticed, and replaced, sooner.
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=4, health_check_period_s=2)
 class CloudDenoiserDeployment:
     """One replica holds the large model and denoises one request at a time."""
 
@@ -48,14 +67,33 @@ class CloudDenoiserDeployment:
         work = partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
         return await self.lane.run(work, deadline, on_progress, "cloud_denoise")
 
-    async def denoise(self, request: bytes, deadline: float | None) -> bytes:
-        return (await self._denoise(request, deadline)).SerializeToString()
+    async def denoise(self, request: bytes, deadline: float | None) -> bytes | Rejection:
+        try:
+            return (await self._denoise(request, deadline)).SerializeToString()
+        except tuple(REJECTED.values()) as error:
+            return _rejection(error)
 
-    async def denoise_stream(self, request: bytes, deadline: float | None) -> AsyncIterator[bytes]:
-        """Serialized DenoiseEvents: one per UNet evaluation, then the handoff."""
+    async def denoise_stream(self, request: bytes, deadline: float | None) -> AsyncIterator[bytes | Rejection]:
+        """Serialized DenoiseEvents: one per UNet evaluation, then the handoff (or a rejection)."""
         events = as_events(with_progress(partial(self._denoise, request, deadline)), pb.DenoiseEvent, "handoff")
-        async for event in events:
-            yield event.SerializeToString()
+        try:
+            async for event in events:
+                yield event.SerializeToString()
+        except tuple(REJECTED.values()) as error:
+            yield _rejection(error)
+
+
+def _rejection(error: Exception) -> Rejection:
+    name = next(name for name, kind in REJECTED.items() if isinstance(error, kind))
+    logger.info("request refused: %s: %s", name, error)
+    return name, str(error)
+
+
+def _raise_if_rejected(answer: bytes | Rejection) -> bytes:
+    if isinstance(answer, tuple):
+        name, message = answer
+        raise REJECTED[name](message)
+    return answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +127,12 @@ def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str, limit
 
 
 class RayCloudClient:
-    """Steps [0, k) on the Serve deployment, through its handle."""
+    """Steps [0, k) on the Serve deployment, through its handle. While no replica is running (``alive``
+    false, kept by the gateway) a request is refused at once rather than queued until Ray replaces one."""
 
     def __init__(self, handle=None):
         self._handle = handle
+        self.alive = True
 
     def attach(self, handle) -> None:
         self._handle = handle
@@ -102,6 +142,8 @@ class RayCloudClient:
     ) -> pb.Handoff:
         if self._handle is None:
             raise CloudUnavailableError("the cloud denoiser is still deploying")
+        if not self.alive:
+            raise CloudUnavailableError("no cloud denoiser replica is running (Ray is replacing it)")
         if on_progress is None:
             response = self._handle.denoise.remote(request.SerializeToString(), deadline)
             receive = response
@@ -109,7 +151,7 @@ class RayCloudClient:
             response = self._handle.options(stream=True).denoise_stream.remote(request.SerializeToString(), deadline)
             receive = _handoff_after_progress(response, on_progress)
         try:
-            data = await asyncio.wait_for(receive, timeout=seconds_left(deadline))
+            data = _raise_if_rejected(await asyncio.wait_for(receive, timeout=seconds_left(deadline)))
         except TimeoutError as error:
             response.cancel()
             raise DeadlineExceededError("deadline exceeded waiting for the cloud denoiser") from error
@@ -119,19 +161,26 @@ class RayCloudClient:
         except BackPressureError as error:
             raise QueueFullError(f"cloud denoiser queue is full: {error}") from error
         except RayTaskError as error:
-            if isinstance(error.cause, ValueError | DeadlineExceededError | RunCancelledError):
-                raise error.cause from None  # a bad request or an expired one: the replica is fine
             raise RuntimeError(f"cloud denoiser failed: {error.cause!r}") from error
         except (RayError, RayServeException) as error:
             raise CloudUnavailableError(f"cloud denoiser unavailable: {error}") from error
         return pb.Handoff.FromString(data)
 
 
-async def _handoff_after_progress(events, on_progress: ProgressCallback) -> bytes:
-    """Report the stream's progress events; return the handoff's bytes."""
+async def _handoff_after_progress(events, on_progress: ProgressCallback) -> bytes | Rejection:
+    """Report the stream's progress events; return the handoff's bytes (or the replica's rejection)."""
     async for data in events:
+        if isinstance(data, tuple):
+            return data
         event = pb.DenoiseEvent.FromString(data)
         if event.HasField("handoff"):
             return event.handoff.SerializeToString()
         on_progress(event.progress)
     raise CloudUnavailableError("the cloud denoiser's stream ended without a handoff")
+
+
+def running_replicas() -> int:
+    """Replicas of the denoiser that Serve reports RUNNING."""
+    application = serve.status().applications.get(APP_NAME)
+    deployment = application.deployments.get(DEPLOYMENT_NAME) if application else None
+    return deployment.replica_states.get("RUNNING", 0) if deployment else 0

@@ -8,6 +8,7 @@ given, in which case the deployment's replicas run on that cluster's nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
+import psutil
 import ray
 from ray import serve
 
-from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind
+from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind, running_replicas
 from hybrid_sd import orchestrate
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.presets import PairSpec
@@ -41,6 +43,7 @@ from hybrid_sd.wire import request_from_pb
 logger = logging.getLogger(__name__)
 
 RAY_START_ATTEMPTS = 3
+REPLICA_CHECK_INTERVAL_S = 1.0
 RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
@@ -124,6 +127,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
     make it miss; the GCS window, which Ray lets one set, is widened unless the environment sets it."""
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
             ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
@@ -133,6 +137,30 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
                 raise
             logger.warning("Ray node start timed out (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS)
             ray.shutdown()
+            _stop_new_children(before)  # what the failed attempt started (GCS, monitors) must not linger
+
+
+async def _follow_replicas(server: RunningServer, cloud: RayCloudClient) -> None:
+    """Health follows the denoiser: NOT_SERVING while no replica runs, SERVING once Ray has replaced it."""
+    while True:
+        await asyncio.sleep(REPLICA_CHECK_INTERVAL_S)
+        try:
+            alive = await asyncio.to_thread(running_replicas) > 0
+        except Exception as error:  # noqa: BLE001 - the controller itself may be restarting
+            logger.warning("cannot read the denoiser's status: %s", error)
+            alive = False
+        if alive != cloud.alive:
+            cloud.alive = alive
+            await server.set_serving(alive)
+            logger.warning("denoiser replicas %s", "running again: SERVING" if alive else "all down: NOT_SERVING")
+
+
+def _stop_new_children(before: set[int]) -> None:
+    new = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    for child in new:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(new, timeout=10)
 
 
 @asynccontextmanager
@@ -150,11 +178,15 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
     server = await start_server(register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security)
     logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
     started_ray = not ray.is_initialized()
+    watcher = None
     try:
         cloud.attach(await asyncio.to_thread(deploy, config))
         await server.set_serving()
+        watcher = asyncio.create_task(_follow_replicas(server, cloud))
         yield server
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await server.stop()
         if ray.is_initialized():
             await asyncio.to_thread(serve.delete, APP_NAME)

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from cloud_worker.gateway import GatewayConfig, running_gateway
 from edge_worker.server import EdgeConfig, running_edge
+from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
@@ -27,6 +28,8 @@ from hybrid_sd.wire import request_to_pb, tensor_from_pb, tensor_to_pb
 from tests.serving import LoopThread, channel, free_port
 
 STEPS = 6
+# Long requests (900 steps) for the deadline and cancellation tests.
+LONG_RUNS = RequestLimits(max_steps=1000)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +44,15 @@ def cluster(loop, pair_specs):
     """Edge worker and gateway, each pointing at the other."""
     spec = pair_specs["sd1"]
     gateway_port = free_port()
-    edge, leave_edge = loop.enter(running_edge(EdgeConfig(spec, "tiny-sd1", port=0, cloud=f"127.0.0.1:{gateway_port}")))
+    edge, leave_edge = loop.enter(
+        running_edge(EdgeConfig(spec, "tiny-sd1", port=0, cloud=f"127.0.0.1:{gateway_port}", limits=LONG_RUNS))
+    )
     gateway, leave_gateway = loop.enter(
-        running_gateway(GatewayConfig("tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2))
+        running_gateway(
+            GatewayConfig(
+                "tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2, limits=LONG_RUNS
+            )
+        )
     )
     yield {"gateway": gateway.port, "edge": edge.port}
     leave_gateway()
@@ -144,7 +153,7 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
         (dict(seed=2**63), "seed must be in"),
         (dict(pair="sdxl-vega"), "pair 'sdxl-vega' is not served here"),
-        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is over this server's limit of 150"),
+        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is too many for PNDMScheduler"),
         (dict(prompt="x" * 5000), "prompt is 5000 bytes; this server takes at most 4096"),
         (dict(prompt="a " * 600), "prompt is 600 tokens; this server takes at most 512"),
         (dict(width=4096, height=2048), "width x height 4096x2048 = 8388608 pixels is over"),
