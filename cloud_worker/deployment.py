@@ -133,9 +133,17 @@ class RayCloudClient:
     def __init__(self, handle=None):
         self._handle = handle
         self.alive = True
+        self._in_flight: set = set()  # responses not yet received
 
     def attach(self, handle) -> None:
         self._handle = handle
+
+    def set_alive(self, alive: bool) -> None:
+        """Going down cancels the requests waiting for a replica: they answer UNAVAILABLE (or fall back)."""
+        self.alive = alive
+        if not alive:
+            for response in list(self._in_flight):
+                response.cancel()
 
     async def denoise(
         self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
@@ -150,6 +158,7 @@ class RayCloudClient:
         else:
             response = self._handle.options(stream=True).denoise_stream.remote(request.SerializeToString(), deadline)
             receive = _handoff_after_progress(response, on_progress)
+        self._in_flight.add(response)
         try:
             data = _raise_if_rejected(await asyncio.wait_for(receive, timeout=seconds_left(deadline)))
         except TimeoutError as error:
@@ -162,8 +171,10 @@ class RayCloudClient:
             raise QueueFullError(f"cloud denoiser queue is full: {error}") from error
         except RayTaskError as error:
             raise RuntimeError(f"cloud denoiser failed: {error.cause!r}") from error
-        except (RayError, RayServeException) as error:
+        except (RayError, RayServeException) as error:  # a cancelled one too (set_alive)
             raise CloudUnavailableError(f"cloud denoiser unavailable: {error}") from error
+        finally:
+            self._in_flight.discard(response)
         return pb.Handoff.FromString(data)
 
 

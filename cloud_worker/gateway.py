@@ -150,7 +150,7 @@ async def _follow_replicas(server: RunningServer, cloud: RayCloudClient) -> None
             logger.warning("cannot read the denoiser's status: %s", error)
             alive = False
         if alive != cloud.alive:
-            cloud.alive = alive
+            cloud.set_alive(alive)
             await server.set_serving(alive)
             logger.warning("denoiser replicas %s", "running again: SERVING" if alive else "all down: NOT_SERVING")
 

@@ -11,12 +11,12 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hybrid_sd.limits import RequestLimits, add_limit_arguments, limits_from_args
+from hybrid_sd.supervisor import Child, Supervisor
 
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_EDGE_PORT = 50052
@@ -237,7 +237,7 @@ def run_health(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
-async def _health(target: str, service: str, timeout: float, tls_ca: Path | None) -> int:
+async def _health(target: str, service: str, timeout: float, tls_ca: Path | None, quiet: bool = False) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -249,10 +249,12 @@ async def _health(target: str, service: str, timeout: float, tls_ca: Path | None
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.aio.AioRpcError as error:
-            print(f"{target}: {error.code().name} {error.details()}", file=sys.stderr)
+            if not quiet:
+                print(f"{target}: {error.code().name} {error.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{target}: {status}")
+    if not quiet:
+        print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
@@ -265,44 +267,27 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
     base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
-    processes = [
-        subprocess.Popen([*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]),
-        subprocess.Popen(
-            [
-                *base,
-                "serve",
-                "gateway",
-                "--port",
-                str(args.port),
-                "--edge",
-                edge,
-                "--replicas",
-                str(args.replicas),
-                *common,
-            ]
-        ),
-    ]
+    edge_command = [*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]
+    gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
+    supervisor = Supervisor(
+        [Child("edge worker", edge_command), Child("gateway", [*gateway_command, "--replicas", str(args.replicas)])]
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    supervisor.start()
     try:
         for target in (edge, gateway):
-            _wait_until_serving(target, processes)
+            _wait_until_serving(target, supervisor)
         print(f"cluster up: gateway {gateway}, edge {edge} (both serve HybridDiffusion)", flush=True)
-        if args.generate is None:
-            signal.signal(signal.SIGTERM, _interrupt)
-            try:
-                while all(process.poll() is None for process in processes):
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                pass
+        if args.generate is not None:
+            _generate_once(gateway, args)
             return
-        _generate_once(gateway, args)
+        while True:  # until Ctrl-C or SIGTERM; a child that exits is restarted
+            supervisor.poll()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        supervisor.stop()
 
 
 def _model_flags(args: argparse.Namespace) -> list[str]:
@@ -337,14 +322,15 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _wait_until_serving(target: str, processes: list[subprocess.Popen], timeout: float = 600) -> None:
+def _wait_until_serving(target: str, supervisor: Supervisor, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while asyncio.run(_health(target, "", 2.0, None)) != 0:
-        exited = [process for process in processes if process.poll() is not None]
+    while asyncio.run(_health(target, "", 2.0, None, quiet=True)) != 0:
+        exited = supervisor.exited()
         if exited:
-            command = " ".join(exited[0].args[3:6])
+            child = exited[0]
             raise RuntimeError(
-                f"'{command}' exited with code {exited[0].returncode} before {target} was serving (its output is above)"
+                f"the {child.name} exited with code {child.process.returncode} before {target} was serving"
+                " (its output is above)"
             )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{target} was not serving after {timeout:.0f} s")

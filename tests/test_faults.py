@@ -18,15 +18,17 @@ import torch
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.supervisor import session_processes
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import tensor_from_pb
 from tests.serving import channel, free_port
-from tests.test_cli_serving import CLI, wait_serving
+from tests.test_cli_serving import CLI
 
 # Statuses a malformed or random request may get; UNKNOWN and INTERNAL mean the server did not understand
 # its own failure.
@@ -40,6 +42,21 @@ ANSWERS_TO_RANDOM_REQUESTS = {
 CALL_TIMEOUT = 30
 
 
+def health(port: int) -> str:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel(port)).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    except grpc.RpcError as error:
+        return error.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_serving(port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while health(port) != "SERVING":
+        assert time.monotonic() < deadline, f"127.0.0.1:{port} never became SERVING"
+        time.sleep(0.5)
+
+
 @dataclass(frozen=True)
 class Method:
     path: str  # /package.Service/Method
@@ -50,18 +67,31 @@ class Method:
 
 @pytest.fixture(scope="module")
 def cluster(model_home):
+    """``cluster up`` with the default pair; ``sessions`` collects the session of every child it ran, to
+    check that a stop leaves none of their processes (Ray's included)."""
     port = free_port()
-    process = subprocess.Popen(
-        [*CLI, "cluster", "up", "--port", str(port), "--torch-threads", "1"], stdout=subprocess.PIPE, text=True
-    )
-    targets = {"gateway": port, "edge": port + 1}
+    process = subprocess.Popen([*CLI, "cluster", "up", "--port", str(port), "--torch-threads", "1"])
+    running = {"gateway": port, "edge": port + 1, "process": process, "sessions": set()}
     try:
-        for target in targets.values():
-            wait_serving(f"127.0.0.1:{target}")
-        yield {**targets, "process": process}
+        for role in ("gateway", "edge"):
+            wait_serving(running[role])
+        yield running
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+
+
+def children(cluster) -> dict[str, psutil.Process]:
+    """The cluster's edge worker and gateway processes, by role (each is its session's leader)."""
+    found = {}
+    for child in psutil.Process(cluster["process"].pid).children():
+        command = " ".join(child.cmdline())
+        role = "edge" if " serve edge " in command else "gateway" if " serve gateway " in command else None
+        if role:
+            found[role] = child
+            cluster["sessions"].add(child.pid)
+    return found
 
 
 def reflected_methods(port: int) -> list[Method]:
@@ -160,9 +190,14 @@ def methods_of_both(cluster) -> Iterator[tuple[str, int, Method]]:
 
 def assert_still_serves_a_correct_image(cluster, pairs) -> None:
     fields = dict(prompt="a small red circle", switch_step=2, num_inference_steps=4, seed=7)
-    expected = HybridPipeline(pairs["shapes"])(GenerationRequest(**fields)).latents
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cluster's (--torch-threads 1): bit-exactness needs the same kernels
+    try:
+        expected = HybridPipeline(pairs["shapes"])(GenerationRequest(**fields)).latents
+    finally:
+        torch.set_num_threads(threads)
     for role in ("gateway", "edge"):
-        wait_serving(f"127.0.0.1:{cluster[role]}", timeout=60)
+        wait_serving(cluster[role], timeout=60)
         response = pb_grpc.HybridDiffusionStub(channel(cluster[role])).Generate(
             pb.GenerateRequest(**fields, output_format=pb.OUTPUT_FORMAT_LATENTS), timeout=60
         )
@@ -212,7 +247,8 @@ def test_random_field_values_to_every_method_never_break_a_server(cluster, pairs
 
 
 def served_processes(cluster) -> list[psutil.Process]:
-    return psutil.Process(cluster["process"].pid).children(recursive=True)
+    children(cluster)
+    return session_processes(cluster["sessions"])
 
 
 def test_an_oversized_prompt_is_refused_at_once_without_memory_growth(cluster, pairs):
@@ -230,3 +266,78 @@ def test_an_oversized_prompt_is_refused_at_once_without_memory_growth(cluster, p
     grown = sum(process.memory_info().rss for process in served_processes(cluster)) - before
     assert grown < 1024**3, f"the servers grew by {grown / 1024**2:.0f} MB"
     assert_still_serves_a_correct_image(cluster, pairs)
+
+
+def long_request(**fields) -> pb.GenerateRequest:
+    """About 5 s of the shapes cloud model on one thread."""
+    return pb.GenerateRequest(prompt="a large green square", num_inference_steps=150, seed=3, **fields)
+
+
+def time_to_good_answer(port: int, limit_s: float = 180) -> float:
+    started = time.monotonic()
+    while True:
+        try:
+            pb_grpc.HybridDiffusionStub(channel(port)).Generate(
+                pb.GenerateRequest(prompt="a small red circle", num_inference_steps=4, switch_step=2), timeout=30
+            )
+            return time.monotonic() - started
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            assert time.monotonic() - started < limit_s, "no good answer in time"
+            time.sleep(0.5)
+
+
+def test_a_killed_replica_answers_unavailable_at_once_and_is_replaced(cluster, capsys):
+    gateway = pb_grpc.HybridDiffusionStub(channel(cluster["gateway"]))
+    call = gateway.Generate.future(long_request(switch_step=150), timeout=120)
+    time.sleep(1.5)  # in the cloud's denoising loop
+    replica = next(p for p in served_processes(cluster) if "ServeReplica:hybrid-sd-cloud" in " ".join(p.cmdline()))
+    replica.kill()
+    killed = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        call.result()
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - killed < 10
+    while health(cluster["gateway"]) != "NOT_SERVING":  # health follows the replicas
+        assert time.monotonic() - killed < 15, "health said SERVING with no replica"
+        time.sleep(0.2)
+    with pytest.raises(grpc.RpcError) as error:  # refused at once, not queued until Ray replaces the replica
+        gateway.Generate(pb.GenerateRequest(prompt="a red circle", num_inference_steps=4), timeout=60)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "no cloud denoiser replica" in error.value.details()
+    fallback = gateway.Generate(
+        pb.GenerateRequest(prompt="a red circle", num_inference_steps=8, switch_step=4, allow_edge_fallback=True),
+        timeout=60,
+    )
+    assert fallback.edge_fallback and fallback.switch_step == 0 and fallback.cloud_unet_evaluations == 0
+    recovered = time_to_good_answer(cluster["gateway"]) + (time.monotonic() - killed)
+    assert health(cluster["gateway"]) == "SERVING"
+    with capsys.disabled():
+        print(f"\nkilled replica -> next good answer: {recovered:.1f} s")
+
+
+def test_a_killed_edge_is_restarted_and_the_gateway_keeps_serving(cluster, capsys):
+    edge = children(cluster)["edge"]
+    gateway = pb_grpc.HybridDiffusionStub(channel(cluster["gateway"]))
+    call = gateway.Generate.future(long_request(switch_step=0), timeout=120)
+    time.sleep(1.5)  # in the edge's denoising loop
+    edge.kill()
+    killed = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        call.result()
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - killed < 10
+    assert health(cluster["gateway"]) == "SERVING"  # the gateway stayed up
+    recovered = time_to_good_answer(cluster["gateway"]) + (time.monotonic() - killed)
+    restarted = children(cluster)["edge"]
+    assert restarted.pid != edge.pid and cluster["process"].poll() is None
+    with capsys.disabled():
+        print(f"\nkilled edge -> next good answer through the gateway: {recovered:.1f} s")
+
+
+def test_sigterm_stops_the_cluster_and_leaves_no_process(cluster):
+    children(cluster)
+    assert session_processes(cluster["sessions"])  # Ray's processes among them
+    cluster["process"].send_signal(signal.SIGTERM)
+    assert cluster["process"].wait(timeout=120) == 0
+    left = session_processes(cluster["sessions"])
+    assert not left, [" ".join(process.cmdline())[:80] for process in left]
