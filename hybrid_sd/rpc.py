@@ -110,6 +110,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         (CloudUnavailableError, grpc.StatusCode.UNAVAILABLE),
         (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (NonFiniteLatentsError, grpc.StatusCode.INTERNAL),
+        # A method the servicer leaves to its generated base (grpc_health's aio servicer has no List).
+        (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
     ):
         if isinstance(error, error_type):
             return code, str(error)
@@ -151,6 +153,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     await abort(context, error)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+
+        if handler.unary_stream and inspect.iscoroutinefunction(handler.unary_stream):
+            inner_writer = handler.unary_stream  # writes with context.write(), as grpc_health's Watch
+
+            async def unary_stream_writer(request: bytes, context):
+                try:
+                    await inner_writer(parse(request), context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    await abort(context, error)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writer, None, handler.response_serializer)
 
         if handler.unary_stream:
             inner_stream = handler.unary_stream

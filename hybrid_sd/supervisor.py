@@ -72,11 +72,11 @@ class Supervisor:
             child.backoff_s = min(2 * child.backoff_s, BACKOFF_MAX_S)
 
     def stop(self, grace_s: float = 60.0) -> None:
-        """SIGTERM every child (they finish in-flight requests), SIGKILL what is left after ``grace_s``,
-        then every process left in their sessions."""
+        """SIGINT every child (they finish in-flight requests; Ray's driver prints a stack trace on SIGTERM),
+        SIGKILL what is left after ``grace_s``, then every process left in their sessions."""
         running = [child.process for child in self.children if child.process and child.process.poll() is None]
         for process in running:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
         deadline = time.monotonic() + grace_s
         for process in running:
             try:
