@@ -99,7 +99,7 @@ class Security:
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a library error is reported with (DESIGN.md, "Errors")."""
+    """The status a library error is reported with (docs/design.md, "Error semantics")."""
     if isinstance(error, grpc.aio.AioRpcError):  # a downstream call failed: pass its status on
         return error.code(), error.details() or ""
     for error_type, code in (
