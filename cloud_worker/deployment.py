@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from functools import partial
 
+import ray
 import torch
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -39,12 +40,15 @@ class CloudDenoiserDeployment:
         self.denoiser = load_cloud(PairSpec(**pair), device, getattr(torch, dtype))
         self.lane = ComputeLane()
         self.replica = serve.get_replica_context().replica_tag
+        self.node = ray.get_runtime_context().get_node_id()
 
     async def _denoise(
         self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
         work = partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
-        return await self.lane.run(work, deadline, on_progress, "cloud_denoise")
+        handoff = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
+        handoff.cloud_node = self.node
+        return handoff
 
     async def denoise(self, request: bytes, deadline: float | None) -> bytes:
         return (await self._denoise(request, deadline)).SerializeToString()
