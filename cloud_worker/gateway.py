@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -107,6 +108,8 @@ def deploy(config: GatewayConfig):
             subprocess.run(["ray", "start", "--address", address, "--num-cpus", "0", "--num-gpus", "0"], check=True)
             address = "auto"
         _init_ray(address, config.ray_num_cpus if address is None else None)
+    # The replicas are reached through handles only: no HTTP proxies, which would take port 8000 on every node.
+    serve.start(proxy_location="Disabled")
     application = bind(config.pair, config.replicas, config.device, config.dtype)
     return serve.run(application, name=APP_NAME, route_prefix=None)
 
@@ -148,6 +151,9 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
         await server.set_serving()
         yield server
     finally:
+        # Ray's C++ failure handler (absl's) answers a SIGTERM with an abort 3 s later (an alarm), which
+        # would cut this shutdown short and leave Ray's processes behind: the gateway stops in order instead.
+        signal.alarm(0)
         await server.stop()
         if ray.is_initialized():
             await asyncio.to_thread(serve.delete, APP_NAME)
