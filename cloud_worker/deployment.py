@@ -67,6 +67,7 @@ class ReplicaConfig:
     cpus_per_replica: float = 1.0
     max_queued_requests: int = 64
     autoscale_to: int | None = None  # with a maximum, replicas scale between `replicas` and it
+    max_replicas_per_node: int | None = None  # e.g. 1: one replica a node, so replicas spread over the nodes
     # Intra-op threads per replica; the default is torch's (physical cores), like any other process.
     torch_threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
@@ -76,6 +77,7 @@ def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str):
     options = dict(
         ray_actor_options={"num_gpus": replicas.gpus_per_replica, "num_cpus": replicas.cpus_per_replica},
         max_queued_requests=replicas.max_queued_requests,
+        max_replicas_per_node=replicas.max_replicas_per_node,
     )
     if replicas.autoscale_to:
         options["autoscaling_config"] = {
