@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from functools import partial
 
+import ray
 import torch
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -60,12 +61,15 @@ class CloudDenoiserDeployment:
         self.denoiser.limits = RequestLimits(**limits)
         self.lane = ComputeLane()
         self.replica = serve.get_replica_context().replica_tag
+        self.node = ray.get_runtime_context().get_node_id()
 
     async def _denoise(
         self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
         work = partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
-        return await self.lane.run(work, deadline, on_progress, "cloud_denoise")
+        handoff = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
+        handoff.cloud_node = self.node
+        return handoff
 
     async def denoise(self, request: bytes, deadline: float | None) -> bytes | Rejection:
         try:
@@ -103,6 +107,7 @@ class ReplicaConfig:
     cpus_per_replica: float = 1.0
     max_queued_requests: int = 64
     autoscale_to: int | None = None  # with a maximum, replicas scale between `replicas` and it
+    max_replicas_per_node: int | None = None  # e.g. 1: one replica a node, so replicas spread over the nodes
     # Intra-op threads per replica; the default is torch's (physical cores), like any other process.
     torch_threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
@@ -112,6 +117,7 @@ def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str, limit
     options = dict(
         ray_actor_options={"num_gpus": replicas.gpus_per_replica, "num_cpus": replicas.cpus_per_replica},
         max_queued_requests=replicas.max_queued_requests,
+        max_replicas_per_node=replicas.max_replicas_per_node,
     )
     if replicas.autoscale_to:
         options["autoscaling_config"] = {

@@ -2,7 +2,8 @@
 
 It serves ``HybridDiffusion`` (cloud steps on Ray, the rest on the edge worker over gRPC) and
 ``CloudDenoiser`` (for requests that start at an edge). Ray starts locally unless an address is
-given, in which case the deployment's replicas run on that cluster's nodes.
+given, in which case the gateway joins that cluster as a node offering no resources, and the
+deployment's replicas run on its cloud nodes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
+import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import grpc
 import psutil
@@ -24,6 +26,7 @@ import ray
 from ray import serve
 
 from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind, running_replicas
+from cloud_worker.ray_node import START_ATTEMPTS, RayNode, joined_node, start_timed_out
 from hybrid_sd import orchestrate
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.presets import PairSpec
@@ -42,9 +45,7 @@ from hybrid_sd.wire import request_from_pb
 
 logger = logging.getLogger(__name__)
 
-RAY_START_ATTEMPTS = 3
 REPLICA_CHECK_INTERVAL_S = 1.0
-RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 @dataclass
@@ -56,6 +57,8 @@ class GatewayConfig:
     port: int = 50051
     ray_address: str | None = None  # None: start Ray in this process
     ray_num_cpus: int | None = None  # for a local Ray
+    ray_temp_dir: Path | None = None  # for the node that joins the cluster at ray_address
+    ray_start_args: str = ""  # more `ray start` flags for that node
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     device: str = "cpu"
     dtype: str = "float32"
@@ -106,36 +109,46 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
             yield event
 
 
-def deploy(config: GatewayConfig):
+def deploy(config: GatewayConfig, resources: ExitStack):
     """Connect to (or start) Ray and run the denoiser application; returns its handle once every
-    replica has loaded the model."""
+    replica has loaded the model. A node started to join a cluster stops when ``resources`` closes."""
     if not ray.is_initialized():
-        address = config.ray_address
-        if address and not address.startswith("ray://"):
-            # A driver connects through a raylet on its own host: join the cluster as a node that
-            # offers no resources, so every replica runs on the cloud nodes.
-            subprocess.run(["ray", "start", "--address", address, "--num-cpus", "0", "--num-gpus", "0"], check=True)
-            address = "auto"
-        _init_ray(address, config.ray_num_cpus if address is None else None)
+        _init_ray(**resources.enter_context(_ray_connection(config)))
+    # The replicas are reached through handles only: no HTTP proxies, which would take port 8000 on every node.
+    serve.start(proxy_location="Disabled")
     application = bind(config.pair, config.replicas, config.device, config.dtype, config.limits)
     return serve.run(application, name=APP_NAME, route_prefix=None)
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
+@contextmanager
+def _ray_connection(config: GatewayConfig) -> Iterator[dict]:
+    """``ray.init``'s arguments for this gateway's driver: a Ray started here, a Ray Client address, or
+    the cluster at ``config.ray_address`` through a node of this gateway's own, kept for the block."""
+    address = config.ray_address
+    if not address or address.startswith("ray://"):
+        yield {"address": address, "num_cpus": config.ray_num_cpus if address is None else None}
+        return
+    # A driver connects through a raylet on its own host: join the cluster as a node that offers
+    # no resources, so every replica runs on the cloud nodes, and attach to that node (its temp dir).
+    node = RayNode(address, config.ray_temp_dir, config.ray_start_args)
+    with joined_node(node, "--num-cpus", "0", "--num-gpus", "0") as joined:
+        yield {"address": address, "_temp_dir": str(joined.temp_dir)}
+
+
+def _init_ray(**kwargs) -> None:
     """``ray.init``, tried again when a local node misses one of Ray's start-up windows (its raylet's fixed
     30 s registration, the GCS port file), which a busy machine (models loading beside it on two cores) can
     make it miss; the GCS window, which Ray lets one set, is widened unless the environment sets it."""
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+    for attempt in range(1, START_ATTEMPTS + 1):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
-            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(**kwargs, include_dashboard=False, log_to_driver=False)
             return
         except Exception as error:  # Ray raises a bare Exception or a RuntimeError for these timeouts
-            start_timeout = any(text in str(error) for text in RAY_START_TIMEOUTS)
-            if not start_timeout or attempt == RAY_START_ATTEMPTS:
+            if not start_timed_out(str(error)) or attempt == START_ATTEMPTS:
                 raise
-            logger.warning("Ray node start timed out (attempt %d of %d); again", attempt, RAY_START_ATTEMPTS)
+            logger.warning("Ray node start timed out (attempt %d of %d); again", attempt, START_ATTEMPTS)
             ray.shutdown()
             _stop_new_children(before)  # what the failed attempt started (GCS, monitors) must not linger
 
@@ -179,16 +192,21 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
     logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
     started_ray = not ray.is_initialized()
     watcher = None
+    ray_node = ExitStack()
     try:
-        cloud.attach(await asyncio.to_thread(deploy, config))
+        cloud.attach(await asyncio.to_thread(deploy, config, ray_node))
         await server.set_serving()
         watcher = asyncio.create_task(_follow_replicas(server, cloud))
         yield server
     finally:
         if watcher is not None:
             watcher.cancel()
+        # Ray's C++ failure handler (absl's) answers a SIGTERM with an abort 3 s later (an alarm), which
+        # would cut this shutdown short and leave Ray's processes behind: the gateway stops in order instead.
+        signal.alarm(0)
         await server.stop()
         if ray.is_initialized():
             await asyncio.to_thread(serve.delete, APP_NAME)
             if started_ray:
                 await asyncio.to_thread(ray.shutdown)
+        await asyncio.to_thread(ray_node.close)

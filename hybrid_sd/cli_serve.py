@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -50,6 +51,7 @@ def add_serving_commands(commands) -> None:
     cloud.add_argument("--ray-address", required=True, help="HOST:PORT of the Ray head")
     cloud.add_argument("--num-gpus", type=int, help="GPUs to offer (default: all Ray finds)")
     cloud.add_argument("--num-cpus", type=int, help="CPUs to offer (default: all Ray finds)")
+    _add_ray_node_arguments(cloud)
     cloud.add_argument("--check", action="store_true", help="validate the configuration and exit")
     cloud.set_defaults(handler=run_serve_cloud)
 
@@ -99,7 +101,24 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--max-queued", type=int, default=64, help="requests queued before RESOURCE_EXHAUSTED")
+    parser.add_argument(
+        "--max-replicas-per-node", type=int, help="at most this many replicas on one node (1: spread them)"
+    )
     parser.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (per replica)")
+    _add_ray_node_arguments(parser)
+
+
+def _add_ray_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """The node a process starts to join the cluster at --ray-address, with Ray's token authentication."""
+    parser.add_argument(
+        "--ray-token-file",
+        type=Path,
+        help="the cluster's Ray auth token (default: Ray's RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    )
+    parser.add_argument("--ray-temp-dir", type=Path, help="Ray's session files and logs of the node (default: Ray's)")
+    parser.add_argument(
+        "--ray-start-args", default="", help="more `ray start` flags for the node, one quoted string (e.g. ports)"
+    )
 
 
 def _env_path(name: str) -> Path | None:
@@ -170,12 +189,13 @@ def run_serve_edge(args: argparse.Namespace) -> None:
 
 
 def run_serve_gateway(args: argparse.Namespace) -> None:
+    _check_target("--ray-address", args.ray_address.removeprefix("ray://") if args.ray_address else None)
+    _check_ray_node(args)  # before Ray is imported
     from cloud_worker.deployment import ReplicaConfig
     from cloud_worker.gateway import GatewayConfig, running_gateway
 
     _check_port(args.port)
     _check_target("--edge", args.edge)
-    _check_target("--ray-address", args.ray_address.removeprefix("ray://") if args.ray_address else None)
     if args.replicas < 1 or (args.autoscale_to is not None and args.autoscale_to < args.replicas):
         raise ValueError("--replicas must be at least 1 and --autoscale-to at least --replicas")
     name, spec = _pair(args)
@@ -187,12 +207,15 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
         port=args.port,
         ray_address=args.ray_address,
         ray_num_cpus=args.ray_num_cpus,
+        ray_temp_dir=args.ray_temp_dir,
+        ray_start_args=args.ray_start_args,
         replicas=ReplicaConfig(
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica,
             max_queued_requests=args.max_queued,
             autoscale_to=args.autoscale_to,
+            max_replicas_per_node=_positive("--max-replicas-per-node", args.max_replicas_per_node),
             **({"torch_threads": _positive("--torch-threads", args.torch_threads)} if args.torch_threads else {}),
         ),
         device=args.device or ("cuda" if args.gpus_per_replica > 0 else "cpu"),
@@ -208,16 +231,39 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
 
 
 def run_serve_cloud(args: argparse.Namespace) -> None:
+    """A Ray node joined to the cluster until SIGTERM or Ctrl-C, which stop it; or the node's exit code."""
+    from cloud_worker.ray_node import RayNode, joined_node
+
     _check_target("--ray-address", args.ray_address)
-    command = ["ray", "start", "--address", args.ray_address, "--block"]
+    flags = []
     if args.num_gpus is not None:
-        command += ["--num-gpus", str(args.num_gpus)]
+        flags += ["--num-gpus", str(args.num_gpus)]
     if args.num_cpus is not None:
-        command += ["--num-cpus", str(args.num_cpus)]
+        flags += ["--num-cpus", str(args.num_cpus)]
+    node = RayNode(args.ray_address, args.ray_temp_dir, args.ray_start_args)
+    command = node.start_command(*flags)
+    _check_ray_node(args)
     if args.check:
-        print("cloud node configuration is valid: " + " ".join(command))
+        print("cloud node configuration is valid: " + shlex.join(command))
         return
-    os.execvp(command[0], command)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with joined_node(node, *flags) as joined:
+        print(f"cloud node joined the Ray cluster at {args.ray_address}", flush=True)
+        try:
+            code = joined.process.wait()
+        except KeyboardInterrupt:
+            return
+    sys.exit(code)
+
+
+def _check_ray_node(args: argparse.Namespace) -> None:
+    """Validate the Ray node flags; joining a cluster turns Ray's token authentication on."""
+    from cloud_worker.ray_node import use_token_auth
+
+    if args.ray_address:
+        use_token_auth(args.ray_token_file)
+    elif args.ray_token_file or args.ray_temp_dir or args.ray_start_args:
+        raise ValueError("--ray-token-file, --ray-temp-dir and --ray-start-args need --ray-address")
 
 
 async def _serve_until_signal(server_context, what: str) -> None:

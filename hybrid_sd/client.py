@@ -59,6 +59,7 @@ def response_summary(response: pb.GenerateResponse) -> dict:
         "handoff_bytes": response.handoff_bytes,
         "timings_s": {stage: round(seconds, 6) for stage, seconds in timings.items()},
         "cloud_replica": response.cloud_replica,
+        "cloud_node": response.cloud_node,
         "edge_worker": response.edge_worker,
         "edge_fallback": response.edge_fallback,
     }

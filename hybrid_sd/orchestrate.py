@@ -150,6 +150,7 @@ def _response(
         cloud_unet_evaluations=handoff.cloud_unet_evaluations if handoff is not None else 0,
         edge_unet_evaluations=result.edge_unet_evaluations,
         cloud_replica=handoff.cloud_replica if handoff is not None else "",
+        cloud_node=handoff.cloud_node if handoff is not None else "",
         edge_worker=result.edge_worker,
         edge_fallback=fell_back,
         request_id=message.request_id,

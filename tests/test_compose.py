@@ -28,6 +28,8 @@ CPU = "docker-compose.cpu.yml"
 GRPC_PORTS = {"gateway": 50051, "edge": 50052}
 HYBRID_SD_SERVICES = {"cloud": "cloud", "gateway": "gateway", "edge": "edge"}  # service -> `serve` role
 MODEL_HOME = "/models"
+RAY_SERVICES = {"ray-head", "cloud", "gateway"}  # the Ray nodes (the gateway joins as one)
+RAY_TOKEN_SECRET = "ray_auth_token"
 
 
 def resolved_config(*files: str, env: dict[str, str] | None = None) -> dict:
@@ -227,7 +229,7 @@ def test_cpu_override_starts_a_cluster_without_gpus(config, cpu_config):
     # cloud-cpu is the GPU node's service, repeated (anchors do not cross files), without GPUs.
     cloud, cloud_cpu = config["services"]["cloud"], started["cloud-cpu"]
     assert cloud_cpu["command"] == cloud["command"] + ["--num-gpus", "0"]
-    for key in ("image", "build", "environment", "volumes", "depends_on", "healthcheck", "shm_size"):
+    for key in ("image", "build", "environment", "secrets", "volumes", "depends_on", "healthcheck", "shm_size"):
         assert cloud_cpu[key] == cloud[key], key
 
     # The gateway asks for CPU replicas and is otherwise unchanged.
@@ -243,3 +245,28 @@ def test_cpu_override_follows_the_pair_too():
         assert environment["HYBRID_SD_PAIR"] == "tiny-sdxl", name
         if "--pair" in command:
             assert flag(command, "--pair") == "tiny-sdxl", name
+
+
+def secret_sources(service: dict) -> set[str]:
+    """The secrets mounted in a service; short (name) or long (source/target) syntax."""
+    return {secret if isinstance(secret, str) else secret["source"] for secret in service.get("secrets", [])}
+
+
+@pytest.mark.parametrize("files", [(BASE,), (BASE, CPU)], ids=["gpu", "cpu"])
+def test_every_ray_node_gets_the_token_from_one_secret(files):
+    """Ray's token authentication: every Ray process reads the one token file, the secret, at the
+    path Ray's RAY_AUTH_TOKEN_PATH names, and RAY_AUTH_MODE=token makes joining nodes send it."""
+    config = resolved_config(*files)
+    assert set(config["secrets"]) == {RAY_TOKEN_SECRET}
+    assert Path(config["secrets"][RAY_TOKEN_SECRET]["file"]) == ROOT / "ray_auth_token"
+    ray_services = RAY_SERVICES - {"cloud"} | ({"cloud-cpu"} if CPU in files else {"cloud"})
+    started = default_services(config)
+    for name, service in started.items():
+        if name not in ray_services:
+            assert not secret_sources(service) and "RAY_AUTH_TOKEN_PATH" not in service["environment"], name
+            continue
+        assert secret_sources(service) == {RAY_TOKEN_SECRET}, name
+        assert service["environment"]["RAY_AUTH_MODE"] == "token", name
+        assert service["environment"]["RAY_AUTH_TOKEN_PATH"] == f"/run/secrets/{RAY_TOKEN_SECRET}", name
+        assert "RAY_AUTH_TOKEN" not in service["environment"], name  # it would win over the file
+    assert set(started) & ray_services == ray_services
