@@ -279,8 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def quiet_libraries(args: argparse.Namespace) -> None:
     """Without --verbose, no diffusers or transformers warnings or progress bars; called once a command is
-    about to load models (this imports both), so that one that fails before does not wait for them."""
-    if args.verbose:
+    about to load models (this imports both), so that one that fails before does not wait for them. A handler
+    called without :func:`main` (no ``verbose`` in ``args``) leaves them as they are."""
+    if getattr(args, "verbose", True):
         return
     import diffusers
     import transformers
