@@ -31,12 +31,15 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from hybrid_sd.shapes.train_pair import TrainConfig, train
+    from hybrid_sd.shapes.train_config import TrainConfig
     from hybrid_sd.user_files import output_folder
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
-    output_folder(args.sweep_out, "--sweep-out")  # before an hour of training, as --out
-    train(output_folder(args.out), config)
+    output_folder(args.out)  # both before an hour of training
+    output_folder(args.sweep_out, "--sweep-out")
+    from hybrid_sd.shapes.train_pair import train
+
+    train(args.out, config)
     _evaluate(args.out, args)
 
 
