@@ -188,7 +188,9 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
         )
         pb_grpc.add_CloudDenoiserServicer_to_server(GatewayCloudDenoiserServicer(cloud, config.limits), server)
 
-    server = await start_server(register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security)
+    server = await start_server(
+        "gateway", register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security
+    )
     logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
     started_ray = not ray.is_initialized()
     watcher = None

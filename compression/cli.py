@@ -103,13 +103,9 @@ def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"{flag}: {source}:N needs a positive N, got {value!r}")
         return SHAPES_PROMPTS[source](int(count))
-    path = Path(value)
-    if not path.is_file():
-        raise ValueError(f"{flag}: no prompt file at {value}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{flag}: {value} holds no prompts")
-    return prompts
+    from hybrid_sd.user_files import read_prompt_file
+
+    return read_prompt_file(Path(value), flag)
 
 
 def _heldout_captions(count: int) -> list[str]:
@@ -135,13 +131,13 @@ class _Context:
         import torch
 
         from hybrid_sd.bundle import check_out, read_bundle
-        from hybrid_sd.cli import pair_spec
+        from hybrid_sd.cli import local_pair_spec
         from hybrid_sd.pairs import load_pair
 
         self.args = args
         self.source_bundle = read_bundle(args.edge_bundle) if args.edge_bundle else None
         check_out(args.out, self.source_bundle)  # before any work
-        self.spec = pair_spec(args)
+        self.spec = local_pair_spec(args)
         self.pair = load_pair(self.spec, args.device or "cpu", getattr(torch, args.dtype))
 
     def source_unet(self):

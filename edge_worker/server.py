@@ -159,7 +159,9 @@ async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
         pb_grpc.add_EdgeRefinerServicer_to_server(EdgeRefinerServicer(worker), server)
         pb_grpc.add_HybridDiffusionServicer_to_server(EdgeHybridDiffusionServicer(worker), server)
 
-    server = await start_server(register, (EDGE_REFINER, HYBRID_DIFFUSION), config.host, config.port, config.security)
+    server = await start_server(
+        "edge worker", register, (EDGE_REFINER, HYBRID_DIFFUSION), config.host, config.port, config.security
+    )
     logger.info("edge worker %s listening on %s:%d", config.name, config.host, server.port)
     try:
         await worker.load()

@@ -19,7 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.presets import PairSpec
+from hybrid_sd.user_files import output_folder
 
 BUNDLE_FILE, CARD_FILE = "bundle.json", "card.json"
 FORMAT, VERSION = "hybrid-sd-edge-bundle", 1
@@ -60,8 +62,11 @@ def read_bundle(path: str | Path) -> Bundle:
     record_file = path / BUNDLE_FILE
     if not record_file.is_file():
         raise ValueError(f"bundle: {path} is not an edge bundle (no {BUNDLE_FILE}); see hybrid-sd compress")
-    record = json.loads(record_file.read_text())
-    if record.get("format") != FORMAT or record.get("version") != VERSION:
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"bundle: cannot read {record_file}: {error}") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
         raise ValueError(f"bundle: {record_file} is not a {FORMAT} version {VERSION} file")
     bundle = Bundle(path, record.get("vae_latent_space"), record.get("history", []))
     if not (bundle.unet / "config.json").is_file():
@@ -76,6 +81,7 @@ def check_out(out: str | Path, source: Bundle | None = None) -> Path:
         raise ValueError(f"out: {out} is the input bundle; write to a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / BUNDLE_FILE).is_file():
         raise ValueError(f"out: {out} exists and is not an edge bundle; refusing to overwrite it")
+    output_folder(out.parent, "out")
     return out
 
 
@@ -96,6 +102,12 @@ def bundle_spec(spec: PairSpec, path: str | Path) -> PairSpec:
     """``spec`` with its edge model replaced by the bundle at ``path`` (on the cloud's text encoders)."""
     bundle = read_bundle(path)
     vae, latent_space = spec.edge_vae, spec.edge_vae_latent_space
+    known = bundle.vae is not None and None not in (latent_space, bundle.vae_latent_space)
+    if known and bundle.vae_latent_space != latent_space:
+        raise IncompatibleModelsError(
+            f"bundle: {path} decodes the {bundle.vae_latent_space} latent space, the pair's models denoise in"
+            f" {latent_space}; use a bundle compressed from this pair"
+        )
     if bundle.vae is not None:
         vae, latent_space = str(bundle.vae), bundle.vae_latent_space
     return dataclasses.replace(

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from hybrid_sd.presets import DEFAULT_PAIR, PAIR_NAMES, PairSpec
+from hybrid_sd.errors import NonFiniteLatentsError
+from hybrid_sd.presets import DEFAULT_PAIR, PAIR_NAMES, PRESETS, PairSpec
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
 
@@ -22,11 +24,14 @@ if TYPE_CHECKING:
     from hybrid_sd.pipeline import GenerationResult
 
 DTYPES = ("float32", "float16", "bfloat16")
+TOKEN_OPTIONS = ("token", "cloud_token", "edge_token")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-sd", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level; show the traceback of an error too"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate one image, switching models at --switch-step")
@@ -95,8 +100,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_security_arguments(parser) -> None:
-    parser.add_argument("--token", default=os.environ.get("HYBRID_SD_TOKEN"), help="bearer token ($HYBRID_SD_TOKEN)")
+    parser.add_argument("--token", default=env_value("HYBRID_SD_TOKEN"), help="bearer token ($HYBRID_SD_TOKEN)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify a TLS server with")
+
+
+def env_value(name: str) -> str | None:
+    """An environment variable as an option's default; empty is unset, as in docker-compose.yml."""
+    return os.environ.get(name) or None
+
+
+def check_tokens(args: argparse.Namespace) -> None:
+    """An empty token option is a mistake (an unset shell variable?), not a way to turn auth off."""
+    from hybrid_sd.credentials import check_token
+
+    for name in TOKEN_OPTIONS:
+        check_token(getattr(args, name, None), "--" + name.replace("_", "-"))
 
 
 def pair_spec(args: argparse.Namespace) -> PairSpec:
@@ -125,9 +143,31 @@ def named_pair(args: argparse.Namespace) -> PairSpec:
         )
     if args.edge_vae:
         raise ValueError("--edge-vae needs --cloud-model and --edge-model")
+    name = args.pair or DEFAULT_PAIR
+    if name in PRESETS:  # hub models: named without loading torch, so that a bad one is reported at once
+        return PRESETS[name]
     from hybrid_sd.pairs import preset
 
-    return preset(args.pair or DEFAULT_PAIR)
+    return preset(name)
+
+
+def local_pair_spec(args: argparse.Namespace) -> PairSpec:
+    """:func:`pair_spec` for a command that loads both models here: they and ``--device`` are checked first,
+    then the libraries are quieted for the load."""
+    spec = pair_spec(args)
+    check_local_models(args.device or "cpu", spec.cloud, spec.edge, spec.edge_vae)
+    quiet_libraries(args)
+    return spec
+
+
+def check_local_models(device: str, *refs: str | None) -> None:
+    """That the models exist or can be fetched, then that the device is there, before any model loads."""
+    from hybrid_sd.model_refs import check_models
+
+    check_models(*refs)  # before the device: this needs no torch, and answers in a second
+    from hybrid_sd.devices import check_device
+
+    check_device(device)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -144,13 +184,16 @@ def run_generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     request.check()  # before loading any model: bad input fails fast
-    from hybrid_sd.client import output_format_for
+    from hybrid_sd.user_files import output_file, output_format_for
 
-    output_format = output_format_for(args.out)  # an unwritable suffix fails now, not after the work
+    output_format = output_format_for(args.out)  # a bad suffix or an unwritable path fails now, not after the work
+    output_file(args.out)
+    if args.latents_out is not None:
+        output_file(args.latents_out, "--latents-out")
     if args.target:
         run_remote_generate(args, request)
         return
-    spec = pair_spec(args)
+    spec = local_pair_spec(args)
     import torch
 
     from hybrid_sd.pipeline import HybridPipeline
@@ -215,12 +258,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        _quiet_libraries()
+        for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # read when they load, if they do
+            os.environ.setdefault(variable, "error")
     try:
+        check_tokens(args)
         args.handler(args)
-    except ValueError as error:
+    except ValueError as error:  # a mistake in what the command names: one line, unless --verbose
+        if args.verbose:
+            traceback.print_exc()
         print(f"hybrid-sd: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLatentsError as error:  # the run itself went wrong: no image, one line
+        print(f"hybrid-sd: error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
         import grpc
 
@@ -231,7 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries(args: argparse.Namespace) -> None:
+    """Without --verbose, no diffusers or transformers warnings or progress bars; called once a command is
+    about to load models (this imports both), so that one that fails before does not wait for them. A handler
+    called without :func:`main` (no ``verbose`` in ``args``) leaves them as they are."""
+    if getattr(args, "verbose", True):
+        return
     import diffusers
     import transformers
 

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import shlex
 import signal
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from hybrid_sd.limits import RequestLimits, add_limit_arguments, limits_from_args
+from hybrid_sd.ports import check_can_listen, check_port
 from hybrid_sd.supervisor import Child, Supervisor
 
 DEFAULT_GATEWAY_PORT = 50051
@@ -25,7 +25,7 @@ THREADS_HELP = "torch intra-op threads (default: torch's); cloud and edge need t
 
 
 def add_serving_commands(commands) -> None:
-    from hybrid_sd.cli import add_client_security_arguments, add_model_arguments
+    from hybrid_sd.cli import add_client_security_arguments, add_model_arguments, env_value
 
     serve = commands.add_parser("serve", help="run one service").add_subparsers(dest="role", required=True)
 
@@ -34,7 +34,7 @@ def add_serving_commands(commands) -> None:
     add_model_arguments(edge)
     edge.add_argument("--cloud", help="HOST:PORT of the gateway, for requests that start at this edge")
     edge.add_argument("--cloud-timeout", type=float, help="seconds the cloud half may take before a fallback")
-    edge.add_argument("--cloud-token", default=os.environ.get("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
+    edge.add_argument("--cloud-token", default=env_value("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
     edge.add_argument("--torch-threads", type=int, help=THREADS_HELP)
     edge.add_argument("--bundle", dest="edge_bundle", type=Path, help="the same as --edge-bundle")
     edge.set_defaults(handler=run_serve_edge)
@@ -43,7 +43,7 @@ def add_serving_commands(commands) -> None:
     _add_server_arguments(gateway, DEFAULT_GATEWAY_PORT)
     add_model_arguments(gateway)
     gateway.add_argument("--edge", required=True, help="HOST:PORT of the edge worker")
-    gateway.add_argument("--edge-token", default=os.environ.get("HYBRID_SD_EDGE_TOKEN"), help="token for --edge")
+    gateway.add_argument("--edge-token", default=env_value("HYBRID_SD_EDGE_TOKEN"), help="token for --edge")
     _add_ray_arguments(gateway)
     gateway.set_defaults(handler=run_serve_gateway)
 
@@ -80,9 +80,11 @@ def add_serving_commands(commands) -> None:
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    from hybrid_sd.cli import env_value
+
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=port)
-    parser.add_argument("--token", default=os.environ.get("HYBRID_SD_TOKEN"), help="require this bearer token")
+    parser.add_argument("--token", default=env_value("HYBRID_SD_TOKEN"), help="require this bearer token")
     parser.add_argument("--tls-cert", type=Path, default=_env_path("HYBRID_SD_TLS_CERT"))
     parser.add_argument("--tls-key", type=Path, default=_env_path("HYBRID_SD_TLS_KEY"))
     parser.add_argument("--tls-client-ca", type=Path, default=_env_path("HYBRID_SD_TLS_CLIENT_CA"), help="mTLS")
@@ -122,7 +124,10 @@ def _add_ray_node_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _env_path(name: str) -> Path | None:
-    return Path(os.environ[name]) if os.environ.get(name) else None
+    from hybrid_sd.cli import env_value
+
+    value = env_value(name)
+    return Path(value) if value else None
 
 
 def _security(args: argparse.Namespace):
@@ -133,9 +138,13 @@ def _security(args: argparse.Namespace):
     return security
 
 
-def _check_port(port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
+def _check_listen(args: argparse.Namespace, service: str) -> None:
+    """``--port``, and unless ``--check`` (which may run beside the server it configures) that it is free now:
+    before the server's libraries load."""
+    if args.check:
+        check_port(args.port)
+    else:
+        check_can_listen(args.host, args.port, service)
 
 
 def _check_target(name: str, target: str | None) -> None:
@@ -161,12 +170,13 @@ def _pair(args: argparse.Namespace):
 
 
 def run_serve_edge(args: argparse.Namespace) -> None:
+    _check_listen(args, "edge worker")
+    _check_target("--cloud", args.cloud)
     import torch
 
     from edge_worker.server import EdgeConfig, running_edge
+    from hybrid_sd.cli import quiet_libraries
 
-    _check_port(args.port)
-    _check_target("--cloud", args.cloud)
     name, spec = _pair(args)
     config = EdgeConfig(
         spec,
@@ -185,20 +195,26 @@ def run_serve_edge(args: argparse.Namespace) -> None:
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
         return
+    quiet_libraries(args)
     asyncio.run(_serve_until_signal(running_edge(config), "edge worker"))
 
 
 def run_serve_gateway(args: argparse.Namespace) -> None:
+    _check_listen(args, "gateway")
     _check_target("--ray-address", args.ray_address.removeprefix("ray://") if args.ray_address else None)
     _check_ray_node(args)  # before Ray is imported
-    from cloud_worker.deployment import ReplicaConfig
-    from cloud_worker.gateway import GatewayConfig, running_gateway
-
-    _check_port(args.port)
     _check_target("--edge", args.edge)
     if args.replicas < 1 or (args.autoscale_to is not None and args.autoscale_to < args.replicas):
         raise ValueError("--replicas must be at least 1 and --autoscale-to at least --replicas")
     name, spec = _pair(args)
+    device = args.device or ("cuda" if args.gpus_per_replica > 0 else "cpu")
+    if args.ray_address is None:  # the replicas load the cloud model here: fail now, not in a Ray actor
+        from hybrid_sd.cli import check_local_models
+
+        check_local_models(device, spec.cloud)
+    from cloud_worker.deployment import ReplicaConfig
+    from cloud_worker.gateway import GatewayConfig, running_gateway
+
     config = GatewayConfig(
         name,
         spec,
@@ -218,7 +234,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
             max_replicas_per_node=_positive("--max-replicas-per-node", args.max_replicas_per_node),
             **({"torch_threads": _positive("--torch-threads", args.torch_threads)} if args.torch_threads else {}),
         ),
-        device=args.device or ("cuda" if args.gpus_per_replica > 0 else "cpu"),
+        device=device,
         dtype=args.dtype,
         security=_security(args),
         edge_token=args.edge_token,
@@ -307,7 +323,13 @@ async def _health(target: str, service: str, timeout: float, tls_ca: Path | None
 def run_cluster_up(args: argparse.Namespace) -> None:
     """The embedded topology as processes on loopback: an edge worker, and a gateway that starts
     Ray locally with the denoiser deployment. The edge can reach the gateway too."""
-    _check_port(args.port)
+    from hybrid_sd.cli import local_pair_spec
+
+    if not 1 <= args.port < 65535:
+        raise ValueError(f"--port must be in [1, 65534] (the edge worker takes the next one), got {args.port}")
+    for port, service in ((args.port, "gateway"), (args.port + 1, "edge worker")):
+        check_can_listen("127.0.0.1", port, service, "choose another --port (the edge worker takes the next one)")
+    local_pair_spec(args)  # both servers load their models here: check them before starting either
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:

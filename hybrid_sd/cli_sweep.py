@@ -39,28 +39,22 @@ def parse_int_list(flag: str, text: str) -> list[int]:
         raise ValueError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
 
 
-def read_prompts(path: Path) -> list[str]:
-    """The non-empty lines of ``path``, stripped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ValueError(f"--prompts: cannot read {str(path)!r}: {error.strerror}") from error
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts: {str(path)!r} has no prompts")
-    return prompts
-
-
 def run_sweep_command(args: argparse.Namespace) -> None:
     """Validate the grid, build the runner, sweep, and print where the report is and a per-k table."""
-    # Heavy imports here, so that building the parser stays fast.
-    from hybrid_sd.cli import pair_spec
+    from hybrid_sd.cli import local_pair_spec
+    from hybrid_sd.user_files import output_folder, read_prompt_file
+
+    switch_steps = parse_int_list("--switch-steps", args.switch_steps)
+    seeds = parse_int_list("--seeds", args.seeds)
+    prompts = read_prompt_file(args.prompts)
+    output_folder(args.out)
+    # Heavy imports here, after the files are checked: building the parser stays fast, and a mistake is told at once.
     from hybrid_sd.sweep import SweepConfig, in_process_runner, remote_runner, run_sweep
 
     config = SweepConfig(
-        switch_steps=parse_int_list("--switch-steps", args.switch_steps),
-        prompts=read_prompts(args.prompts),
-        seeds=parse_int_list("--seeds", args.seeds),
+        switch_steps=switch_steps,
+        prompts=prompts,
+        seeds=seeds,
         num_inference_steps=args.steps,
         scheduler=args.scheduler,
         guidance_scale=args.guidance,
@@ -73,7 +67,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
 
         from hybrid_sd.pipeline import HybridPipeline
 
-        pipeline = HybridPipeline.from_pair(pair_spec(args), args.device or "cpu", getattr(torch, args.dtype))
+        pipeline = HybridPipeline.from_pair(local_pair_spec(args), args.device or "cpu", getattr(torch, args.dtype))
         runner = in_process_runner(pipeline)
     summary = run_sweep(config, runner)
     print(f"wrote {args.out / 'report.md'}")

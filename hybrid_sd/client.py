@@ -5,23 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from hybrid_sd.rpc import call_metadata, open_channel
+from hybrid_sd.user_files import output_format_for
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import tensor_from_pb
-
-OUTPUT_FORMATS = {
-    ".png": pb.OUTPUT_FORMAT_PNG,
-    ".jpg": pb.OUTPUT_FORMAT_JPEG,
-    ".jpeg": pb.OUTPUT_FORMAT_JPEG,
-    ".webp": pb.OUTPUT_FORMAT_WEBP,
-}
-
-
-def output_format_for(path: Path) -> int:
-    suffix = path.suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"--out must end in one of {', '.join(OUTPUT_FORMATS)}, got {str(path)!r}")
-    return OUTPUT_FORMATS[suffix]
 
 
 async def generate_remote(

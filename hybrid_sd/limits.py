@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 
 from hybrid_sd.request import GenerationRequest
 
+# Every gRPC message, either way. A 1024x1024 SDXL image or handoff is a few MB; gRPC's default is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import try_to_load_from_cache
 
 from hybrid_sd.denoiser import (
     LATENT_SPACE_BY_SCALING,
@@ -22,8 +23,10 @@ from hybrid_sd.denoiser import (
     unet_family,
     vae_latent_space,
 )
+from hybrid_sd.devices import check_device
 from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.lowbit.storage import QUANTIZATION_FILE, load_quantized_unet
+from hybrid_sd.model_refs import check_models, loading, resolve
 from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.pruned.storage import PRUNING_FILE, load_pruned_unet
 from hybrid_sd.tiny_models import save_tiny_pair
@@ -72,7 +75,7 @@ def embedded_spec(root: Path) -> PairSpec:
     cloud's text encoder, with a tiny decoder for the cloud VAE's latent space."""
     vae_config = root / "cloud" / "vae" / "config.json"
     if not vae_config.is_file():
-        raise FileNotFoundError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
+        raise ValueError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
     scaling_factor = json.loads(vae_config.read_text())["scaling_factor"]
     return PairSpec(
         str(root / "cloud"),
@@ -86,6 +89,7 @@ def embedded_spec(root: Path) -> PairSpec:
 
 def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelPair:
     """Load both models and check that they can hand over to each other."""
+    check_models(spec.cloud, spec.edge, spec.edge_vae)  # all of them, before the first one loads
     cloud = load_cloud(spec, device, dtype)
     pair = ModelPair(cloud, load_edge(spec, device, dtype, cloud_pipe=cloud.pipe))
     check_pair(pair, spec.edge_vae_latent_space)
@@ -93,6 +97,7 @@ def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 
 def load_cloud(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
+    check_device(device)
     return Denoiser(_place(load_pipeline(spec.cloud, dtype), device, dtype), spec.cloud)
 
 
@@ -105,6 +110,7 @@ def load_edge(
     """The edge model. A bare UNet runs on the cloud model's text encoders and VAE, and a pipeline
     that shares the cloud's text encoders gets them: from ``cloud_pipe`` in one process, else loaded
     from the cloud model without its UNet."""
+    check_device(device)
     edge_is_pipeline = _is_pipeline(spec.edge)
     if cloud_pipe is None and (spec.edge_shares_text_encoder or not edge_is_pipeline):
         cloud_pipe = load_pipeline(spec.cloud, dtype, unet=None)
@@ -119,7 +125,7 @@ def load_edge(
     if spec.edge_vae is not None:
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
-        edge_pipe.vae = AutoModel.from_pretrained(spec.edge_vae, dtype=dtype)
+        edge_pipe.vae = load_vae(spec.edge_vae, dtype)
     return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space)
 
 
@@ -132,33 +138,40 @@ def _place(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> Diffusio
 
 def load_pipeline(path: str, dtype: torch.dtype, **components) -> DiffusionPipeline:
     """``DiffusionPipeline.from_pretrained``, without the safety checker (not part of serving)."""
-    model_index = DiffusionPipeline.load_config(path)
-    if "safety_checker" in model_index:
-        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return DiffusionPipeline.from_pretrained(path, dtype=dtype, **components)
+    source = resolve(path)
+    with loading(path):
+        model_index = DiffusionPipeline.load_config(source)
+        if "safety_checker" in model_index:
+            components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype, **components)
+
+
+def load_vae(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A VAE or tiny decoder folder (AutoencoderKL or AutoencoderTiny)."""
+    source = resolve(path)
+    with loading(path):
+        return AutoModel.from_pretrained(source, dtype=dtype)
 
 
 def _is_pipeline(path: str) -> bool:
-    local = Path(path)
-    if local.exists():
-        return (local / "model_index.json").is_file()
-    try:
-        DiffusionPipeline.load_config(path)
-    except OSError:
-        return False
-    return True
+    source = resolve(path)
+    if Path(source).is_dir():
+        return (Path(source) / "model_index.json").is_file()
+    return isinstance(try_to_load_from_cache(source, "model_index.json"), str)  # resolve fetched it if there is one
 
 
 def load_unet(path: str, dtype: torch.dtype) -> UNet2DConditionModel:
     """A UNet folder (or a pipeline's ``unet/``): standard, pruned (``pruning.json``) or low-bit
     (``quantization.json``)."""
-    subfolder = "unet" if (Path(path) / "unet" / "config.json").is_file() else None
-    folder = Path(path, subfolder or "")
-    if (folder / QUANTIZATION_FILE).is_file():  # low-bit weights (hybrid-sd compress quantize), maybe pruned
-        return load_quantized_unet(folder, dtype)
-    if (folder / PRUNING_FILE).is_file():  # channel- or head-pruned
-        return load_pruned_unet(folder, dtype)
-    return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=dtype)
+    source = resolve(path)
+    subfolder = "unet" if (Path(source) / "unet" / "config.json").is_file() else None
+    folder = Path(source, subfolder or "")
+    with loading(path):
+        if (folder / QUANTIZATION_FILE).is_file():  # low-bit weights (hybrid-sd compress quantize), maybe pruned
+            return load_quantized_unet(folder, dtype)
+        if (folder / PRUNING_FILE).is_file():  # channel- or head-pruned
+            return load_pruned_unet(folder, dtype)
+        return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder, dtype=dtype)
 
 
 def check_pair(pair: ModelPair, edge_vae_latent_space: str | None = None) -> None:

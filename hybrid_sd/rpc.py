@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hybrid_sd.credentials import check_certificate, check_token
 from hybrid_sd.errors import (
     CloudUnavailableError,
     DeadlineExceededError,
@@ -27,9 +28,10 @@ from hybrid_sd.errors import (
     QueueFullError,
     RunCancelledError,
 )
+from hybrid_sd.limits import MAX_MESSAGE_BYTES
+from hybrid_sd.ports import check_can_listen
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import MAX_MESSAGE_BYTES
 
 ProgressCallback = Callable[[pb.Progress], None]
 
@@ -74,6 +76,7 @@ class Security:
         )
 
     def check(self) -> None:
+        check_token(self.token)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -82,6 +85,9 @@ class Security:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a file")
+        check_certificate("tls_cert", self.tls_cert, self.tls_key)
+        check_certificate("tls_client_ca", self.tls_client_ca)
+        check_certificate("tls_ca", self.tls_ca)
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         if self.tls_cert is None:
@@ -269,15 +275,18 @@ class RunningServer:
 
 
 async def start_server(
+    name: str,
     register: Callable[[grpc.aio.Server], None],
     service_names: tuple[str, ...],
     host: str,
     port: int,
     security: Security = Security(),
 ) -> RunningServer:
-    """Start a server on ``host:port`` (port 0: any free port) with the standard services; health
-    says NOT_SERVING until :meth:`RunningServer.set_serving` (once the models are loaded)."""
+    """Start the ``name`` server (as error messages call it) on ``host:port`` (port 0: any free port) with the
+    standard services; health says NOT_SERVING until :meth:`RunningServer.set_serving` (once the models are
+    loaded)."""
     security.check()
+    check_can_listen(host, port, name)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if security.token:
         interceptors.append(BearerTokenInterceptor(security.token))
@@ -304,6 +313,7 @@ def open_channel(
 ) -> grpc.aio.Channel:
     if tls_ca is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    check_certificate("tls_ca", tls_ca)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls_ca.read_bytes(),
         private_key=client_key.read_bytes() if client_key else None,

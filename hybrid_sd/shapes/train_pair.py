@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,30 +24,10 @@ from tqdm import tqdm
 
 from hybrid_sd.shapes import pair_models
 from hybrid_sd.shapes.dataset import ShapesDataset
+from hybrid_sd.shapes.train_config import TrainConfig
 
 DROP_CAPTION = 0.1  # captions replaced by "" in training, for classifier-free guidance
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al., 2023): faster convergence at equal steps
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained weights (with the library versions)."""
-
-    seed: int = 0
-    images: int = 40_000
-    batch_size: int = 32
-    vae_crop_steps: int = 1500  # on 32x32 crops: the VAE is convolutional, a quarter of the cost
-    vae_full_steps: int = 200
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    large_steps: int = 2200
-    large_lr: float = 5e-4
-    small_steps: int = 2200
-    small_lr: float = 1e-3
-    tiny_steps: int = 1000
-    tiny_lr: float = 2e-3
-    ema_decay: float = 0.999
-    warmup_steps: int = 100
 
 
 def render_dataset(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
