@@ -27,8 +27,6 @@ IMAGE_FORMATS = {
     pb.OUTPUT_FORMAT_JPEG: ("JPEG", "image/jpeg"),
     pb.OUTPUT_FORMAT_WEBP: ("WEBP", "image/webp"),
 }
-# A 1024x1024 SDXL image or handoff is a few MB; gRPC's default receive limit is 4 MiB.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def tensor_to_pb(tensor: torch.Tensor) -> pb.Tensor:
