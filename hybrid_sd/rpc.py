@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 HYBRID_DIFFUSION = pb.DESCRIPTOR.services_by_name["HybridDiffusion"].full_name
 CLOUD_DENOISER = pb.DESCRIPTOR.services_by_name["CloudDenoiser"].full_name
 EDGE_REFINER = pb.DESCRIPTOR.services_by_name["EdgeRefiner"].full_name
-# A 1024x1024 SDXL image or handoff is a few MB; gRPC's default receive limit is 4 MiB.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
