@@ -86,12 +86,12 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
         self.cloud = cloud
 
     async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
-        return await self.cloud.denoise(request.request, _deadline(context))
+        return await self.cloud.denoise(request, _deadline(context))
 
     async def DenoiseStream(
         self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DenoiseEvent]:
-        call = partial(self.cloud.denoise, request.request, _deadline(context))
+        call = partial(self.cloud.denoise, request, _deadline(context))
         async for event in as_events(with_progress(call), pb.DenoiseEvent, "handoff"):
             yield event
 
