@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the commands and the tests need on a bare machine: .venv at the repository root
 # with hybrid-sd and its pinned dependencies, the generated gRPC stubs, and the test tools: the dev
-# extra (pytest, ruff) and docker-compose, with which tests/test_compose.py validates the cluster
-# files (no Docker engine is needed). `--runtime-only` (the image, docker/Dockerfile) skips the
-# test tools. Safe to run again: each step only does what is missing.
+# extra (pytest, ruff), docker-compose, with which tests/test_compose.py validates the cluster
+# files (no Docker engine is needed), and iproute2 for the slow-link test. `--runtime-only` (the
+# image, docker/Dockerfile) skips the test tools. Safe to run again: each step only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime_only=false
@@ -24,6 +24,17 @@ fi
 # The gRPC stubs are build output (git-ignored), generated from the one API contract.
 .venv/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
   protos/hybrid_sd/v1/hybrid_sd.proto
+
+# iproute2 (`ip`, `tc`): tests/test_slow_link.py puts the edge worker behind a shaped veth link.
+if ! $runtime_only && ! { command -v ip && command -v tc; } >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq -o DPkg::Lock::Timeout=300
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 iproute2 >/dev/null
+  else
+    echo "setup.sh: ip/tc are missing and need root to install (Debian: sudo apt-get install iproute2);" \
+      "the slow-link test fails without them" >&2
+  fi
+fi
 
 # Debian's docker-compose (1.29) resolves and validates the compose files against the Compose
 # specification. It is not a pip dependency: its PyPI release pins an old PyYAML and docker SDK.

@@ -16,13 +16,11 @@ from hybrid_sd.pairs import load_edge
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.rpc import GrpcEdgeClient, open_channel
-from hybrid_sd.service import cloud_denoise
 from hybrid_sd.state import HybridState
 from hybrid_sd.tiny_models import build_tiny_pipeline
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.wire import request_to_pb, tensor_from_pb
-from tests.serving import LoopThread, free_port
+from tests.serving import LocalCloud, LoopThread, free_port, grpc_edge_client
 
 PROMPT = "a large red circle above a small blue square"
 EMBEDDINGS = {"conditioning.prompt_embeds", "conditioning.negative_prompt_embeds"}
@@ -129,26 +127,11 @@ def test_embeddings_may_be_missing_only_where_the_handoff_says_so(pairs, change,
         HybridState.from_parts(json.loads(json.dumps(document)), tensors)
 
 
-class LocalCloud:
-    """The cloud half in this process, as a Ray replica runs it (a CloudClient)."""
-
-    def __init__(self, denoiser: Denoiser):
-        self.denoiser = denoiser
-
-    async def denoise(self, request: pb.DenoiseRequest, deadline, on_progress=None) -> pb.Handoff:
-        return cloud_denoise(self.denoiser, request, "local", None)
-
-
-async def edge_client(port: int) -> GrpcEdgeClient:
-    """A gateway's edge client; made on the loop it is used from, as grpc.aio channels must be."""
-    return GrpcEdgeClient(open_channel(f"127.0.0.1:{port}"))
-
-
 def test_gateway_learns_the_edge_profile_and_follows_a_restart(pairs, pair_specs, other_encoders_spec):
     """The gateway's edge client asks a new edge for its profile (lean), and after the edge comes back
     with other text encoders, its first answer updates the profile (full again); every result exact."""
     loop, port = LoopThread(), free_port()
-    edge = loop.run(edge_client(port))
+    edge = loop.run(grpc_edge_client(f"127.0.0.1:{port}"))
     cloud = LocalCloud(pairs["sd1"].cloud)
     request = GenerationRequest(PROMPT, "blurry", switch_step=3, num_inference_steps=6, seed=11, scheduler="dpm++2m")
     message = request_to_pb(request)
