@@ -3,7 +3,8 @@ ends are shaped by a token bucket (``tc ... tbf``; netem is not available here).
 
 Traffic goes only between the two veth ends, over a private /30 chosen at run time that no route
 of this machine overlaps. Names are unique per run; the pair and the namespace are removed on exit,
-whatever happens.
+and a namespace left by a process killed before it could clean up (its pid is in the name) is
+removed, with what still runs in it, the next time a link is made.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 BURST_BYTES = 16 * 1024
 # Room for a whole handoff in the queue: the bucket paces TCP instead of dropping its packets.
 QUEUE_BYTES = 4 * 1024 * 1024
+NAMESPACE_PREFIX = "hybrid-sd-link-"
 # Route types `ip route` prints before the destination ("local 127.0.0.0/8 dev lo ...").
 _ROUTE_TYPES = ("local", "broadcast", "unicast", "anycast", "multicast", "blackhole", "unreachable", "prohibit")
 
@@ -58,9 +60,11 @@ def unavailable_reason() -> str | None:
 @contextmanager
 def shaped_link(mbit: float) -> Iterator[ShapedLink]:
     """A namespace behind a veth pair shaped to ``mbit`` both ways; removed on exit."""
+    _remove_orphans()
     tag = secrets.token_hex(4)
     host_address, edge_address = _free_subnet()
-    link = ShapedLink(f"hybrid-sd-{tag}", f"hsd{tag}h", f"hsd{tag}e", str(host_address), str(edge_address))
+    namespace = f"{NAMESPACE_PREFIX}{os.getpid()}-{tag}"
+    link = ShapedLink(namespace, f"hsd{tag}h", f"hsd{tag}e", str(host_address), str(edge_address))
     _run("ip", "netns", "add", link.namespace)
     try:
         _run("ip", "link", "add", link.host_device, "type", "veth", "peer", "name", link.edge_device)
@@ -78,6 +82,20 @@ def shaped_link(mbit: float) -> Iterator[ShapedLink]:
         # process in it has gone.
         subprocess.run(["ip", "link", "del", link.host_device], capture_output=True)
         subprocess.run(["ip", "netns", "del", link.namespace], capture_output=True)
+
+
+def _remove_orphans() -> None:
+    """Namespaces made here by processes that have gone, with whatever still runs in them (an edge
+    worker whose test was killed); deleting a namespace deletes its veth pair."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in (line.split()[0] for line in listing.splitlines() if line.startswith(NAMESPACE_PREFIX)):
+        creator = int(name.removeprefix(NAMESPACE_PREFIX).split("-")[0])
+        if os.path.exists(f"/proc/{creator}"):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _tbf(mbit: float) -> list[str]:
