@@ -4,11 +4,12 @@
   in-process engine for the same request, interleaved, medians (tiny pair; SD 1.5 architecture
   with random weights at 256x256 with --sd15).
 - bytes: the Handoff message for real model shapes (SD 1.x at 512x512, SDXL at 1024x1024) in
-  fp32 and fp16, mid-run with DPM-Solver++ 2M (two history tensors).
+  fp32 and fp16, mid-run with DPM-Solver++ 2M (two history tensors): full, and lean (to an edge
+  with the cloud's text encoders, which encodes the prompt itself).
 - throughput: requests per second with 8 concurrent clients against one at a time, for 1 and 2
   denoiser replicas (all requests at switch_step = N, so the cloud does all denoising).
 
-    .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5]
+    .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5] [--bytes-only]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.engine_overhead import sd15_random_pipeline  # noqa: E402
 from hybrid_sd.conditioning import Conditioning  # noqa: E402
 from hybrid_sd.denoiser import Denoiser  # noqa: E402
+from hybrid_sd.edge_profile import EdgeProfile, for_edge  # noqa: E402
 from hybrid_sd.pairs import ModelPair, load_pair, preset  # noqa: E402
 from hybrid_sd.pipeline import HybridPipeline  # noqa: E402
 from hybrid_sd.request import GenerationRequest  # noqa: E402
@@ -106,7 +108,7 @@ def overhead(name: str, engine: HybridPipeline, pair: list[str], request: Genera
 
 def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
     """Handoff size for the real models' shapes: a tiny model's mid-run DPM++ 2M state at the
-    real latent size, with conditioning of the real text encoders' widths."""
+    real latent size, with conditioning of the real text encoders' widths; full, and lean."""
     pair = load_pair(preset(f"tiny-{family}"))
     request = pair.cloud.resolve(
         GenerationRequest(
@@ -123,13 +125,14 @@ def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
             "fingerprint", embeds, embeds.clone(), pooled, pooled.clone(), torch.zeros(1, 6, dtype=dtype)
         )
     state.conditioning = conditioning
-    state.latents = state.latents.to(dtype)
-    state.sampler_state["model_outputs"] = [output.to(dtype) for output in state.sampler_state["model_outputs"]]
+    state = state.to_dtype(dtype)
     message = handoff_to_pb(state)
+    lean = handoff_to_pb(for_edge(state, EdgeProfile("fingerprint", dtype)))
     tensors = {name: len(tensor.data) for name, tensor in message.tensors.items()}
     return {
         "case": f"{family} {size}x{size} {str(dtype).removeprefix('torch.')}",
         "handoff_bytes": message.ByteSize(),
+        "lean_handoff_bytes": lean.ByteSize(),
         "latents_bytes": tensors["latents"],
         "conditioning_bytes": sum(v for k, v in tensors.items() if k.startswith("conditioning.")),
         "sampler_bytes": sum(v for k, v in tensors.items() if k.startswith("sampler.")),
@@ -160,15 +163,9 @@ def throughput(replicas: int, requests: int = 16) -> dict:
     return {"replicas": replicas, "sequential_rps": sequential, "concurrent8_rps": concurrent}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tiny-repeats", type=int, default=20)
-    parser.add_argument("--sd15", action="store_true", help="also the SD 1.5-architecture overhead (minutes)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
-    args = parser.parse_args()
+def overhead_and_throughput(args: argparse.Namespace) -> dict:
+    """The parts that run clusters: served against in-process, and replica throughput."""
     results: dict = {}
-
     tiny = preset("tiny-sd1")
     request = GenerationRequest("a red circle above a blue square", switch_step=10, num_inference_steps=25, seed=0)
     results["overhead"] = [
@@ -191,26 +188,42 @@ def main() -> None:
                     args.repeats,
                 )
             )
+    results["throughput"] = [throughput(replicas) for replicas in (1, 2)]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny-repeats", type=int, default=20)
+    parser.add_argument("--sd15", action="store_true", help="also the SD 1.5-architecture overhead (minutes)")
+    parser.add_argument("--bytes-only", action="store_true", help="only the handoff bytes (seconds, no cluster)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
+    args = parser.parse_args()
+    results: dict = {"overhead": [], "throughput": []}
     results["bytes"] = [
         handoff_bytes(family, size, dtype)
         for family, size in (("sd1", 512), ("sdxl", 1024))
         for dtype in (torch.float32, torch.float16)
     ]
-    results["throughput"] = [throughput(replicas) for replicas in (1, 2)]
+    if not args.bytes_only:
+        results.update(overhead_and_throughput(args))
 
-    print(f"{'overhead':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}")
+    if results["overhead"]:
+        print(f"{'overhead':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}")
     for row in results["overhead"]:
         print(
             f"{row['case']:58} {row['in_process_s']:13.3f} {row['served_s']:9.3f} {row['ratio']:6.3f}"
             f" {row['added_ms']:9.1f}"
         )
-    print(f"\n{'handoff':24} {'total B':>10} {'latents':>9} {'conditioning':>13} {'sampler':>9}")
+    print(f"\n{'handoff':24} {'full B':>10} {'lean B':>10} {'latents':>9} {'conditioning':>13} {'sampler':>9}")
     for row in results["bytes"]:
         print(
-            f"{row['case']:24} {row['handoff_bytes']:10d} {row['latents_bytes']:9d}"
+            f"{row['case']:24} {row['handoff_bytes']:10d} {row['lean_handoff_bytes']:10d} {row['latents_bytes']:9d}"
             f" {row['conditioning_bytes']:13d} {row['sampler_bytes']:9d}"
         )
-    print(f"\n{'replicas':>8} {'sequential rps':>15} {'8 clients rps':>14}")
+    if results["throughput"]:
+        print(f"\n{'replicas':>8} {'sequential rps':>15} {'8 clients rps':>14}")
     for row in results["throughput"]:
         print(f"{row['replicas']:8d} {row['sequential_rps']:15.2f} {row['concurrent8_rps']:14.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

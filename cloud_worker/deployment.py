@@ -66,7 +66,7 @@ class CloudDenoiserDeployment:
     async def _denoise(
         self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
-        work = partial(cloud_denoise, self.denoiser, pb.GenerateRequest.FromString(request), self.replica)
+        work = partial(cloud_denoise, self.denoiser, pb.DenoiseRequest.FromString(request), self.replica)
         handoff = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
         handoff.cloud_node = self.node
         return handoff
@@ -152,7 +152,7 @@ class RayCloudClient:
                 response.cancel()
 
     async def denoise(
-        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
         if self._handle is None:
             raise CloudUnavailableError("the cloud denoiser is still deploying")

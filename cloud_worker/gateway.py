@@ -98,13 +98,13 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
 
     async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
         self.limits.check(request_from_pb(request.request))
-        return await self.cloud.denoise(request.request, _deadline(context))
+        return await self.cloud.denoise(request, _deadline(context))
 
     async def DenoiseStream(
         self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DenoiseEvent]:
         self.limits.check(request_from_pb(request.request))
-        call = partial(self.cloud.denoise, request.request, _deadline(context))
+        call = partial(self.cloud.denoise, request, _deadline(context))
         async for event in as_events(with_progress(call), pb.DenoiseEvent, "handoff"):
             yield event
 

@@ -22,6 +22,7 @@ import torch
 
 from hybrid_sd import orchestrate
 from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.presets import PairSpec
@@ -37,6 +38,7 @@ from hybrid_sd.rpc import (
 from hybrid_sd.service import ComputeLane, as_events, edge_refine, with_progress
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+from hybrid_sd.wire import edge_profile_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +74,19 @@ class EdgeWorker:
             self.cloud = GrpcCloudClient(config.security.peer_channel(config.cloud), config.cloud_token)
 
     async def load(self) -> None:
+        self.denoiser = await asyncio.to_thread(self._load)
+        logger.info("edge model %s loaded", self.config.pair.edge)
+
+    def _load(self) -> Denoiser:
         config = self.config
-        denoiser = await asyncio.to_thread(load_edge, config.pair, config.device, config.dtype)
+        denoiser = load_edge(config.pair, config.device, config.dtype)
         denoiser.limits = config.limits
-        self.denoiser = denoiser
-        logger.info("edge model %s loaded", config.pair.edge)
+        denoiser.text_encoder_id  # noqa: B018 - fingerprint the text encoders now, not in the first Describe
+        return denoiser
+
+    async def profile(self, deadline: float | None = None) -> pb.EdgeProfile | None:
+        """This worker's profile (see EdgeProfile); None while the model loads."""
+        return None if self.denoiser is None else edge_profile_to_pb(EdgeProfile.of(self.denoiser))
 
     def _work(self, message: pb.RefineRequest):
         if self.denoiser is None:
@@ -106,6 +116,10 @@ async def _unless_loading(context: grpc.aio.ServicerContext, worker: EdgeWorker)
 class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
     def __init__(self, worker: EdgeWorker):
         self.worker = worker
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.EdgeProfile:
+        await _unless_loading(context, self.worker)
+        return await self.worker.profile()
 
     async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
         await _unless_loading(context, self.worker)

@@ -18,10 +18,11 @@ class Conditioning:
 
     ``text_encoder_id`` fingerprints the encoders that made them: a side whose encoders have the
     same fingerprint uses these tensors as they are; any other side encodes the prompt again.
+    Without ``prompt_embeds`` the tensors were left out of a lean handoff: the receiver encodes.
     """
 
     text_encoder_id: str
-    prompt_embeds: torch.Tensor
+    prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
@@ -33,6 +34,14 @@ class Conditioning:
             for field in fields(self)
             if isinstance(getattr(self, field.name), torch.Tensor)
         }
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self.prompt_embeds is not None
+
+    def without_embeddings(self) -> Conditioning:
+        """Only the fingerprint: what a lean handoff carries."""
+        return Conditioning(text_encoder_id=self.text_encoder_id)
 
     def to(self, device: torch.device | str) -> Conditioning:
         moved = {name: tensor.to(device) for name, tensor in self.tensors().items()}

@@ -13,7 +13,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from hybrid_sd import sampler_state
-from hybrid_sd.conditioning import Conditioning, encode_conditioning, text_encoder_fingerprint
+from hybrid_sd.conditioning import encode_conditioning, text_encoder_fingerprint
 from hybrid_sd.denoise import Guidance, StepCallback, denoise
 from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.limits import RequestLimits
@@ -82,6 +82,13 @@ class Denoiser:
     @cached_property
     def text_encoder_id(self) -> str:
         return text_encoder_fingerprint(self.pipe)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype this model denoises in: its prompt embeddings', as diffusers' ``encode_prompt``
+        chooses it (the last text encoder's, else the UNet's)."""
+        encoder = getattr(self.pipe, "text_encoder_2", None) or self.pipe.text_encoder
+        return (encoder or self.pipe.unet).dtype
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size and
@@ -175,6 +182,9 @@ class Denoiser:
         self.check_handoff(state)
         if not state.step_index <= end <= state.loop_length:
             raise ValueError(f"end must be in [{state.step_index}, {state.loop_length}], got {end}")
+        state = state.to_dtype(self.dtype)
+        if state.step_index == end:  # nothing to run (k = N): no scheduler, no prompt embeddings
+            return state
         request = state.request
         scheduler = scheduler_from_config(state.scheduler_config)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
@@ -187,7 +197,7 @@ class Denoiser:
         generator = torch.Generator("cpu")
         if state.generator_state is not None:
             generator.set_state(state.generator_state)
-        conditioning = self._conditioning_for(state)
+        conditioning = self.conditioned(state).conditioning.to(self.device)
         latents = denoise(
             self.pipe.unet,
             scheduler,
@@ -252,13 +262,20 @@ class Denoiser:
         """Decode and post-process as the pipelines do for ``output_type="pil"``."""
         return VaeImageProcessor().postprocess(self.decode(latents), output_type="pil")[0]
 
-    def _conditioning_for(self, state: HybridState) -> Conditioning:
-        """The handoff's embeddings where they come from the same text encoders, else our own."""
-        if state.conditioning.text_encoder_id == self.text_encoder_id:
-            return state.conditioning.to(self.device)
-        logger.info("%s has its own text encoders: encoding the prompt again", self.name)
+    def conditioned(self, state: HybridState) -> HybridState:
+        """``state`` with prompt embeddings this model can use: the handoff's where they come from the
+        same text encoders, else its own (other text encoders, or a lean handoff that left them out).
+        A state with no steps left needs none."""
+        carried = state.conditioning
+        if state.step_index == state.loop_length or (
+            carried.has_embeddings and carried.text_encoder_id == self.text_encoder_id
+        ):
+            return state
+        if carried.has_embeddings:
+            logger.info("%s has its own text encoders: encoding the prompt again", self.name)
         request = state.request
-        return encode_conditioning(self.pipe, request, self.text_encoder_id, request.height, request.width)
+        conditioning = encode_conditioning(self.pipe, request, self.text_encoder_id, request.height, request.width)
+        return dataclasses.replace(state, conditioning=conditioning)
 
     def _guidance(self, request: GenerationRequest, dtype: torch.dtype) -> Guidance:
         embedding_dim = self.pipe.unet.config.time_cond_proj_dim

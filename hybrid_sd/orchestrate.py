@@ -25,13 +25,17 @@ logger = logging.getLogger(__name__)
 
 class CloudClient(Protocol):
     async def denoise(
-        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
-        """Steps [0, switch_step) of ``request``; raises CloudUnavailableError if unreachable.
-        With ``on_progress``, reports every UNet evaluation."""
+        """Steps [0, switch_step) of ``request``, handed off for the edge it names; raises
+        CloudUnavailableError if unreachable. With ``on_progress``, reports every UNet evaluation."""
 
 
 class EdgeClient(Protocol):
+    async def profile(self, deadline: float | None) -> pb.EdgeProfile | None:
+        """What the edge computes with, for a lean handoff; None where it cannot say (a full one).
+        Never raises."""
+
     async def refine(
         self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.ImageResult:
@@ -70,7 +74,8 @@ async def generate(
             if cloud is None:
                 raise CloudUnavailableError("no cloud denoiser is configured")
             limit = min((d for d in (deadline, cloud_deadline) if d is not None), default=None)
-            handoff = await cloud.denoise(message, limit, on_progress)
+            denoise = pb.DenoiseRequest(request=message, edge_profile=await edge.profile(limit))
+            handoff = await cloud.denoise(denoise, limit, on_progress)
         except (CloudUnavailableError, DeadlineExceededError) as error:
             if not message.allow_edge_fallback or (deadline is not None and time.time() >= deadline):
                 raise
@@ -129,7 +134,8 @@ def _response(
     if handoff is not None:
         handoff_bytes = handoff.ByteSize()
         cloud_compute = handoff.encode_prompt_seconds + handoff.cloud_denoise_seconds
-        timings.encode_prompt = handoff.encode_prompt_seconds
+        # The edge encodes too where the handoff left the embeddings out or it has other encoders.
+        timings.encode_prompt = handoff.encode_prompt_seconds + result.encode_prompt_seconds
         timings.cloud_denoise = handoff.cloud_denoise_seconds
         # Everything between the two computations: serialization, the network, queues.
         timings.handoff_transfer = max(0.0, cloud_wall - cloud_compute) + max(0.0, edge_wall - edge_compute)

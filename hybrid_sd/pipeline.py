@@ -9,6 +9,7 @@ import PIL.Image
 import torch
 
 from hybrid_sd.denoise import StepCallback
+from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
 from hybrid_sd.request import GenerationRequest
@@ -42,7 +43,7 @@ class GenerationResult:
 
 class HybridPipeline:
     """A cloud and an edge :class:`~hybrid_sd.denoiser.Denoiser` in one process, handing over
-    through the same bytes a remote handoff uses."""
+    through the same bytes a remote handoff uses (lean by the same rule)."""
 
     def __init__(self, pair: ModelPair):
         self.cloud = pair.cloud
@@ -82,7 +83,7 @@ class HybridPipeline:
         if request.switch_step > 0:
             state = self.cloud.denoise(state, switch, callback)
             lap("cloud_denoise")
-            payload = state.to_bytes()
+            payload = for_edge(state, EdgeProfile.of(self.edge)).to_bytes()  # lean, as a served handoff
             handoff_bytes = len(payload)
             state = HybridState.from_bytes(payload)
             lap("handoff")

@@ -344,31 +344,56 @@ class GrpcCloudClient:
         self._metadata = call_metadata(token)
 
     async def denoise(
-        self, request: pb.GenerateRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.Handoff:
-        message = pb.DenoiseRequest(request=request)
         with _peer_errors("cloud"):
             stub = self._stub
             return await _reporting_call(
-                stub.Denoise, stub.DenoiseStream, message, deadline, self._metadata, on_progress, "handoff"
+                stub.Denoise, stub.DenoiseStream, request, deadline, self._metadata, on_progress, "handoff"
             )
 
 
+# How long a gateway waits for an edge's profile before it sends a full handoff instead.
+PROFILE_TIMEOUT_S = 5.0
+
+
 class GrpcEdgeClient:
-    """Steps [k, N) and the decode on a remote edge worker's EdgeRefiner."""
+    """Steps [k, N) and the decode on a remote edge worker's EdgeRefiner. It remembers the worker's
+    profile for lean handoffs: asked for with Describe when unknown, then taken from each result, so
+    a worker restarted with other models is seen at its first answer."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
         self._stub = pb_grpc.EdgeRefinerStub(channel)
         self._metadata = call_metadata(token)
+        self._profile: pb.EdgeProfile | None = None
+
+    async def profile(self, deadline: float | None) -> pb.EdgeProfile | None:
+        """The worker's profile as of its last answer, else asked for; None if it cannot say now."""
+        if self._profile is None:
+            timeout = PROFILE_TIMEOUT_S
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.time()))
+            try:
+                describe = self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
+                self._profile = await describe
+            except grpc.aio.AioRpcError as error:
+                logger.warning("no edge profile (%s: %s): sending a full handoff", error.code().name, error.details())
+        return self._profile
 
     async def refine(
         self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.ImageResult:
-        with _peer_errors("edge"):
-            stub = self._stub
-            return await _reporting_call(
-                stub.Refine, stub.RefineStream, request, deadline, self._metadata, on_progress, "result"
-            )
+        try:
+            with _peer_errors("edge"):
+                stub = self._stub
+                result = await _reporting_call(
+                    stub.Refine, stub.RefineStream, request, deadline, self._metadata, on_progress, "result"
+                )
+        except Exception:
+            self._profile = None  # the worker may be restarting, perhaps with other models: ask again
+            raise
+        self._profile = result.edge_profile if result.HasField("edge_profile") else None
+        return result
 
 
 async def _reporting_call(unary, streaming, message, deadline, metadata, on_progress, final_field: str):

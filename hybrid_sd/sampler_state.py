@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,15 +67,17 @@ def _fresh_state(
 
 def restore(scheduler: SchedulerMixin, state: dict[str, Any], device: torch.device | str) -> None:
     """Apply captured state to a scheduler on which ``set_timesteps`` was just called."""
+    to_device = functools.partial(torch.Tensor.to, device=device)
     for name, value in state.items():
-        setattr(scheduler, name, _to_device(copy.copy(value), device))
+        setattr(scheduler, name, map_tensors(copy.copy(value), to_device))
 
 
-def _to_device(value: Any, device: torch.device | str) -> Any:
+def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``function`` applied to every tensor in it, through lists and tuples."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return function(value)
     if isinstance(value, list | tuple):
-        return type(value)(_to_device(item, device) for item in value)
+        return type(value)(map_tensors(item, function) for item in value)
     return value
 
 

@@ -12,12 +12,15 @@ from typing import TypeVar
 
 from hybrid_sd.denoise import StepCallback
 from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
 from hybrid_sd.rpc import ProgressCallback
 from hybrid_sd.schedulers import loop_index
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.wire import (
     check_output_format,
+    edge_profile_from_pb,
+    edge_profile_to_pb,
     encode_image,
     handoff_from_pb,
     handoff_to_pb,
@@ -105,9 +108,11 @@ async def as_events(items: AsyncIterator[pb.Progress | T], event_type: type, fin
             yield event_type(**{final_field: item})
 
 
-def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str, callback: StepCallback) -> pb.Handoff:
-    """Steps [0, switch_step) of a request on the large model."""
-    request = denoiser.resolve(request_from_pb(message))
+def cloud_denoise(denoiser: Denoiser, message: pb.DenoiseRequest, replica: str, callback: StepCallback) -> pb.Handoff:
+    """Steps [0, switch_step) of a request on the large model; lean for the edge it names, if any
+    (see :mod:`hybrid_sd.edge_profile`)."""
+    edge = edge_profile_from_pb(message.edge_profile) if message.HasField("edge_profile") else None
+    request = denoiser.resolve(request_from_pb(message.request))
     started = time.perf_counter()
     state = denoiser.begin(request)
     callback({})  # a cancelled or expired request stops between stages too
@@ -115,7 +120,7 @@ def cloud_denoise(denoiser: Denoiser, message: pb.GenerateRequest, replica: str,
     end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
     state = denoiser.denoise(state, end, callback)
     denoised = time.perf_counter()
-    handoff = handoff_to_pb(state)
+    handoff = handoff_to_pb(state if edge is None else for_edge(state, edge))
     handoff.cloud_model = denoiser.name
     handoff.cloud_replica = replica
     handoff.cloud_unet_evaluations = end
@@ -128,12 +133,15 @@ def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, call
     """The rest of the schedule and the decode on the small model; or, given a request rather
     than a handoff, the whole schedule (switch_step 0)."""
     check_output_format(message.output_format)
-    result = pb.ImageResult(edge_worker=worker)
+    result = pb.ImageResult(edge_worker=worker, edge_profile=edge_profile_to_pb(EdgeProfile.of(denoiser)))
     started = time.perf_counter()
     if message.HasField("handoff"):
         state = handoff_from_pb(message.handoff)
         denoiser.check_handoff(state)
         result.handoff_decode_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        state = denoiser.conditioned(state)  # the prompt, where the handoff left it out or has other encoders
+        result.encode_prompt_seconds = time.perf_counter() - started
     else:
         request = denoiser.resolve(request_from_pb(message.request))
         state = denoiser.begin(request)

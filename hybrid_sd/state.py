@@ -1,11 +1,13 @@
 """The handoff: everything the next denoising step needs, as one value with ``to_bytes``.
 
 On the wire it is a safetensors file: tensors as raw little-endian bytes, everything else as one
-JSON document in the safetensors metadata. No pickle anywhere.
+JSON document in the safetensors metadata. No pickle anywhere. A lean handoff leaves the prompt
+embeddings out and says so (``"conditioning": "omitted"``); see :mod:`hybrid_sd.edge_profile`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ FORMAT = "hybrid-sd.state/1"
 _METADATA_KEY = "hybrid_sd"
 _COND_PREFIX = "conditioning."
 _SAMPLER_PREFIX = "sampler."
+CARRIED, OMITTED = "carried", "omitted"  # the document's "conditioning": embeddings in the tensors, or left out
 
 
 @dataclass
@@ -31,7 +34,8 @@ class HybridState:
 
     ``request`` has its seed, size and scheduler resolved. ``sampler_state`` is what stepping changed
     in the scheduler (see :mod:`hybrid_sd.sampler_state`); ``generator_state`` is the CPU generator's
-    state for stochastic samplers.
+    state for stochastic samplers. ``conditioning`` without embeddings (a lean handoff) leaves the
+    prompt to the receiver to encode.
     """
 
     request: GenerationRequest
@@ -51,6 +55,18 @@ class HybridState:
         """UNet evaluations in the whole schedule."""
         return len(self.timesteps)
 
+    def to_dtype(self, dtype: torch.dtype) -> HybridState:
+        """The latents, and the sampler history shaped like them, in ``dtype`` (the receiver's compute
+        dtype); timesteps and other scheduler values keep theirs. A cast is deterministic, so it gives
+        the same bits on either side of the wire."""
+        shape = self.latents.shape
+
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(dtype) if tensor.is_floating_point() and tensor.shape == shape else tensor
+
+        sampler = {name: sampler_state.map_tensors(value, cast) for name, value in self.sampler_state.items()}
+        return dataclasses.replace(self, latents=self.latents.to(dtype), sampler_state=sampler)
+
     def to_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """A JSON-able document and named CPU tensors: the one layout behind every encoding."""
         sampler_description, tensors = sampler_state.flatten(self.sampler_state, _SAMPLER_PREFIX)
@@ -69,6 +85,7 @@ class HybridState:
             "step_index": self.step_index,
             "sampler_state": sampler_description,
             "text_encoder_id": self.conditioning.text_encoder_id,
+            "conditioning": CARRIED if self.conditioning.has_embeddings else OMITTED,
             "model": self.model,
         }
         return document, {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
@@ -79,7 +96,8 @@ class HybridState:
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             found = document.get("format") if isinstance(document, dict) else document
             raise ValueError(f"handoff format must be {FORMAT!r}, got {found!r}")
-        for key in ("latents", "timesteps", _COND_PREFIX + "prompt_embeds"):
+        carried = _conditioning_mode(document) == CARRIED
+        for key in ("latents", "timesteps", *([_COND_PREFIX + "prompt_embeds"] if carried else [])):
             if key not in tensors:
                 raise ValueError(f"handoff is missing tensor {key!r}")
         try:
@@ -101,6 +119,8 @@ class HybridState:
         conditioning_tensors = {
             name.removeprefix(_COND_PREFIX): tensor for name, tensor in tensors.items() if name.startswith(_COND_PREFIX)
         }
+        if conditioning_tensors and not carried:
+            raise ValueError(f"handoff says its conditioning is {OMITTED!r} but carries {sorted(conditioning_tensors)}")
         try:
             conditioning = Conditioning(text_encoder_id=document["text_encoder_id"], **conditioning_tensors)
         except TypeError as error:
@@ -142,6 +162,14 @@ _DOCUMENT_TYPES = {
     "sampler_state": dict,
     "text_encoder_id": str,
 }
+
+
+def _conditioning_mode(document: dict[str, Any]) -> str:
+    """The document's ``conditioning``: whether the prompt embeddings travel; never left implicit."""
+    mode = document.get("conditioning")
+    if mode not in (CARRIED, OMITTED):
+        raise ValueError(f"handoff field 'conditioning' must be {CARRIED!r} or {OMITTED!r}, got {mode!r}")
+    return mode
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

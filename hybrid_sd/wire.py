@@ -13,6 +13,7 @@ import math
 import PIL.Image
 import torch
 
+from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.request import MAX_SEED, GenerationRequest
 from hybrid_sd.state import FORMAT, HybridState
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
@@ -21,6 +22,7 @@ TENSOR_DTYPES = {
     name: getattr(torch, name)
     for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 }
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 IMAGE_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: ("PNG", "image/png"),
     pb.OUTPUT_FORMAT_PNG: ("PNG", "image/png"),
@@ -119,6 +121,17 @@ def check_output_format(output_format: int) -> None:
     if output_format not in IMAGE_FORMATS and output_format != pb.OUTPUT_FORMAT_LATENTS:
         known = ", ".join(pb.OutputFormat.Name(value) for value in (*IMAGE_FORMATS, pb.OUTPUT_FORMAT_LATENTS))
         raise ValueError(f"output_format {output_format} is not one of {known}")
+
+
+def edge_profile_to_pb(profile: EdgeProfile) -> pb.EdgeProfile:
+    return pb.EdgeProfile(text_encoder_id=profile.text_encoder_id, dtype=str(profile.dtype).removeprefix("torch."))
+
+
+def edge_profile_from_pb(message: pb.EdgeProfile) -> EdgeProfile:
+    """Decode an edge's profile, refusing a dtype it cannot denoise in."""
+    if message.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"edge_profile.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {message.dtype!r}")
+    return EdgeProfile(message.text_encoder_id, TENSOR_DTYPES[message.dtype])
 
 
 def encode_image(image: PIL.Image.Image, output_format: int) -> tuple[bytes, str]:

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from contextlib import AbstractAsyncContextManager
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hybrid_sd.rpc import CHANNEL_OPTIONS
+from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.rpc import CHANNEL_OPTIONS, GrpcEdgeClient, ProgressCallback, open_channel
+from hybrid_sd.service import cloud_denoise
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from tests.shaped_link import ShapedLink
 
 
 class LoopThread:
@@ -46,3 +55,73 @@ def free_port() -> int:
 
 def channel(port: int) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+
+
+class LocalCloud:
+    """The cloud half in this process, as a Ray replica runs it (an orchestrate.CloudClient)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+
+    async def denoise(
+        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.Handoff:
+        return cloud_denoise(self.denoiser, request, "local", None)
+
+
+class FullHandoffEdge:
+    """An edge client that does not tell the cloud its profile, so handoffs to it are full."""
+
+    def __init__(self, edge: GrpcEdgeClient):
+        self.edge = edge
+
+    async def profile(self, deadline: float | None) -> None:
+        return None
+
+    async def refine(
+        self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
+    ) -> pb.ImageResult:
+        return await self.edge.refine(request, deadline, on_progress)
+
+
+async def grpc_edge_client(target: str) -> GrpcEdgeClient:
+    """A gateway's edge client; made on the loop it is used from, as grpc.aio channels must be."""
+    return GrpcEdgeClient(open_channel(target))
+
+
+def serve_edge_in(link: ShapedLink, model: str, threads: int, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """``hybrid-sd serve edge`` of ``model`` (a pipeline folder, for both sides of the pair) inside
+    ``link``'s namespace, on its veth address: the process, once SERVING, and its target."""
+    port = free_port()  # free here; in a fresh namespace every port is
+    command = ["serve", "edge", "--host", link.edge_address, "--port", str(port), "--torch-threads", str(threads)]
+    command += ["--cloud-model", model, "--edge-model", model]
+    # Its output goes to a file (a pipe nobody reads would fill and stall it), kept for a failed start.
+    with tempfile.TemporaryFile() as log:
+        argv = link.command(sys.executable, "-m", "hybrid_sd.cli", *command)
+        worker = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        target = f"{link.edge_address}:{port}"
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+        serving = health_pb2.HealthCheckResponse.SERVING
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and worker.poll() is None:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == serving:
+                    return worker, target
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        worker.kill()
+        worker.wait()
+        log.seek(0)
+        output = log.read()[-2000:].decode(errors="replace")
+    raise RuntimeError(f"the edge worker in the namespace did not start: {output}")
+
+
+def stop(worker: subprocess.Popen) -> None:
+    """SIGTERM (the worker finishes in-flight calls), then SIGKILL after a minute."""
+    worker.terminate()
+    try:
+        worker.wait(60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import loop_index
@@ -25,14 +26,16 @@ def references(pair_specs):
 
 
 def split_run(pair, request: GenerationRequest) -> tuple[torch.Tensor, int]:
-    """[0, k) on the cloud model, to bytes, then [k, N) on a freshly made edge Denoiser."""
+    """[0, k) on the cloud model, to bytes (lean: the edge encodes the prompt), then [k, N) on a
+    freshly made edge Denoiser."""
     request = HybridPipeline(pair).check_inputs(request)
     first = pair.cloud if request.switch_step else pair.edge
     state = first.begin(request)
     switch = loop_index(request.switch_step, STEPS, state.loop_length)
     state = first.denoise(state, switch) if request.switch_step else state
-    received = HybridState.from_bytes(state.to_bytes())
     fresh_edge = Denoiser(pair.edge.pipe, pair.edge.name, pair.edge.latent_space)
+    received = HybridState.from_bytes(for_edge(state, EdgeProfile.of(fresh_edge)).to_bytes())
+    assert not received.conditioning.has_embeddings  # both sides of these pairs share text encoders
     return fresh_edge.denoise(received, received.loop_length).latents, switch
 
 

@@ -170,11 +170,27 @@ def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
     assert generate(cluster[entry], **base).switch_step == 3  # and the server serves the next one
 
 
+HANDOFF_FIELDS = dict(prompt="a red square", switch_step=3, num_inference_steps=STEPS, seed=4, scheduler="dpm++2m")
+
+
 def real_handoff(cluster) -> pb.Handoff:
-    request = request_to_pb(
-        GenerationRequest("a red square", switch_step=3, num_inference_steps=STEPS, seed=4, scheduler="dpm++2m")
-    )
+    """A full handoff: a DenoiseRequest that names no edge profile."""
+    request = request_to_pb(GenerationRequest(**HANDOFF_FIELDS))
     return pb_grpc.CloudDenoiserStub(channel(cluster["gateway"])).Denoise(pb.DenoiseRequest(request=request))
+
+
+def test_served_handoffs_are_lean(cluster, engine):
+    """Either entry point tells the cloud the edge's profile: the prompt embeddings stay home, and
+    the in-process engine hands over by the same rule."""
+    full = real_handoff(cluster)
+    assert json.loads(full.state_json)["conditioning"] == "carried"
+    embeddings = sum(len(tensor.data) for name, tensor in full.tensors.items() if name.startswith("conditioning."))
+    in_process = engine(GenerationRequest(**HANDOFF_FIELDS)).handoff_bytes
+    for entry in ("gateway", "edge"):
+        response = generate(cluster[entry], **HANDOFF_FIELDS)
+        assert response.handoff_bytes < full.ByteSize() - embeddings
+        # The in-process engine measures the safetensors form; the wire adds names of its own.
+        assert abs(response.handoff_bytes - in_process) < 0.1 * in_process
 
 
 def corrupt(handoff: pb.Handoff, how: str) -> pb.Handoff:
