@@ -1,5 +1,5 @@
 """The local cluster definition: docker-compose.yml (and the CPU-only override) as a real compose
-validator resolves it, checked against the CLI contract (DESIGN.md, "Topology").
+validator resolves it, checked against the CLI contract (docs/design.md, "Topology").
 
 No Docker engine is needed: ``docker-compose config`` validates the files against the Compose
 schema, merges the override, interpolates ``${VAR:-default}`` and prints the result, which is what
