@@ -108,14 +108,22 @@ async def as_events(items: AsyncIterator[pb.Progress | T], event_type: type, fin
             yield event_type(**{final_field: item})
 
 
-def cloud_denoise(denoiser: Denoiser, message: pb.DenoiseRequest, replica: str, callback: StepCallback) -> pb.Handoff:
+def _between_stages(callback: StepCallback | None) -> None:
+    """Let a cancelled or expired request stop between stages too (prompt encoding, denoising, decoding)."""
+    if callback is not None:
+        callback({})
+
+
+def cloud_denoise(
+    denoiser: Denoiser, message: pb.DenoiseRequest, replica: str, callback: StepCallback | None
+) -> pb.Handoff:
     """Steps [0, switch_step) of a request on the large model; lean for the edge it names, if any
     (see :mod:`hybrid_sd.edge_profile`)."""
     edge = edge_profile_from_pb(message.edge_profile) if message.HasField("edge_profile") else None
     request = denoiser.resolve(request_from_pb(message.request))
     started = time.perf_counter()
     state = denoiser.begin(request)
-    callback({})  # a cancelled or expired request stops between stages too
+    _between_stages(callback)
     encoded = time.perf_counter()
     end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
     state = denoiser.denoise(state, end, callback)
@@ -129,7 +137,9 @@ def cloud_denoise(denoiser: Denoiser, message: pb.DenoiseRequest, replica: str, 
     return handoff
 
 
-def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, callback: StepCallback) -> pb.ImageResult:
+def edge_refine(
+    denoiser: Denoiser, message: pb.RefineRequest, worker: str, callback: StepCallback | None
+) -> pb.ImageResult:
     """The rest of the schedule and the decode on the small model; or, given a request rather
     than a handoff, the whole schedule (switch_step 0)."""
     check_output_format(message.output_format)
@@ -146,14 +156,14 @@ def edge_refine(denoiser: Denoiser, message: pb.RefineRequest, worker: str, call
         request = denoiser.resolve(request_from_pb(message.request))
         state = denoiser.begin(request)
         result.encode_prompt_seconds = time.perf_counter() - started
-    callback({})  # a cancelled or expired request stops between stages too
+    _between_stages(callback)
     started = time.perf_counter()
     start_index = state.step_index
     state = denoiser.denoise(state, state.loop_length, callback)
     result.edge_denoise_seconds = time.perf_counter() - started
     result.edge_unet_evaluations = state.loop_length - start_index
     result.request.CopyFrom(request_to_pb(state.request))
-    callback({})
+    _between_stages(callback)
     started = time.perf_counter()
     if message.output_format == pb.OUTPUT_FORMAT_LATENTS or message.include_latents:
         result.latents.CopyFrom(tensor_to_pb(state.latents))
