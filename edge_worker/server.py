@@ -88,11 +88,6 @@ class EdgeWorker:
         """This worker's profile (see EdgeProfile); None while the model loads."""
         return None if self.denoiser is None else edge_profile_to_pb(EdgeProfile.of(self.denoiser))
 
-    def _work(self, message: pb.RefineRequest):
-        if self.denoiser is None:
-            raise RuntimeError("the edge model is not loaded")
-        return partial(edge_refine, self.denoiser, message, self.config.name)
-
     async def refine(
         self, message: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
     ) -> pb.ImageResult:
