@@ -94,10 +94,6 @@ class Denoiser:
         """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size and
         scheduler (this model's own class)."""
         request.check()
-        if self.limits is not None:
-            self.limits.check(request)  # before anything reads the prompt
-            for name in ("prompt", "negative_prompt"):
-                self.limits.check_tokens(name, len(self.pipe.tokenizer.tokenize(getattr(request, name) or "")))
         model_scheduler = type(self.pipe.scheduler).__name__
         resolve_scheduler(request.scheduler, model_scheduler)
         request = dataclasses.replace(
@@ -108,7 +104,9 @@ class Denoiser:
         )
         self.check_size(request)
         if self.limits is not None:
-            self.limits.check(request)  # the size the model filled in
+            self.limits.check(request)  # bytes before the tokenizer reads the prompt; the size filled in
+            for name in ("prompt", "negative_prompt"):
+                self.limits.check_tokens(name, len(self.pipe.tokenizer.tokenize(getattr(request, name) or "")))
         self._check_schedule(request)
         return request
 

@@ -138,72 +138,60 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         parse = _parser(method, handler.request_deserializer)
 
-        async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-            code, details = status_for(error)
-            if code == grpc.StatusCode.INTERNAL and not isinstance(error, NonFiniteLatentsError):
-                logger.exception("%s failed", method)
-            else:
-                logger.info("%s: %s: %s", method, code.name, details)
-            await context.abort(code, details)
+        @contextlib.asynccontextmanager
+        async def statuses(context: grpc.aio.ServicerContext):
+            """Every exception but an abort or a cancellation leaves as the status it maps to."""
+            try:
+                yield
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:  # noqa: BLE001 - every error must become a status
+                code, details = status_for(error)
+                if code == grpc.StatusCode.INTERNAL and not isinstance(error, NonFiniteLatentsError):
+                    logger.exception("%s failed", method)
+                else:
+                    logger.info("%s: %s: %s", method, code.name, details)
+                await context.abort(code, details)
 
+        serialize = handler.response_serializer
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary_unary(request: bytes, context):
-                try:
+                async with statuses(context):
                     response = inner(parse(request), context)
                     return await response if inspect.isawaitable(response) else response
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as error:  # noqa: BLE001 - every error must become a status
-                    await abort(context, error)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
 
         if handler.unary_stream and inspect.iscoroutinefunction(handler.unary_stream):
             inner_writer = handler.unary_stream  # writes with context.write(), as grpc_health's Watch
 
             async def unary_stream_writer(request: bytes, context):
-                try:
+                async with statuses(context):
                     await inner_writer(parse(request), context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    await abort(context, error)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream_writer, None, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writer, None, serialize)
 
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request: bytes, context):
-                try:
+                async with statuses(context):
                     async for response in inner_stream(parse(request), context):
                         yield response
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    await abort(context, error)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
         if handler.stream_stream:  # server reflection
             inner_bidi = handler.stream_stream
 
             async def stream_stream(requests, context):
-                async def parsed():
-                    async for request in requests:
-                        yield parse(request)
-
-                try:
-                    async for response in inner_bidi(parsed(), context):
+                async with statuses(context):
+                    async for response in inner_bidi((parse(request) async for request in requests), context):
                         yield response
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    await abort(context, error)
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
         return handler
 
 
