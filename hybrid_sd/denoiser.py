@@ -8,7 +8,7 @@ from functools import cached_property
 
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -16,40 +16,13 @@ from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import encode_conditioning, text_encoder_fingerprint
 from hybrid_sd.denoise import Guidance, StepCallback, denoise
 from hybrid_sd.errors import IncompatibleModelsError
+from hybrid_sd.latent_space import pipeline_latent_space
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import make_scheduler, resolve_scheduler, scheduler_from_config, uses_generator
 from hybrid_sd.state import HybridState
 
 logger = logging.getLogger(__name__)
-
-# AutoencoderKL scaling factors of the public latent spaces.
-LATENT_SPACE_BY_SCALING = {0.18215: "sd1", 0.13025: "sdxl"}
-
-
-def unet_family(pipe: DiffusionPipeline) -> str:
-    """``sdxl`` for UNets conditioned on SDXL's pooled text and time ids, else ``sd1``."""
-    return "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd1"
-
-
-def vae_latent_space(vae: torch.nn.Module) -> str | None:
-    """The latent space an AutoencoderKL's scaling factor identifies; None where it cannot tell
-    (an AutoencoderTiny's config is the same for SD 1.x and SDXL)."""
-    if not isinstance(vae, AutoencoderKL):
-        return None
-    scaling = vae.config.scaling_factor
-    return latent_space_name(scaling)
-
-
-def latent_space_name(scaling_factor: float) -> str:
-    """``sd1``/``sdxl`` for the public AutoencoderKL scaling factors, else ``custom-<factor>``."""
-    return LATENT_SPACE_BY_SCALING.get(scaling_factor, f"custom-{scaling_factor}")
-
-
-def pipeline_latent_space(pipe: DiffusionPipeline) -> str:
-    """The latent space a pipeline denoises in: its AutoencoderKL's, else (a tiny decoder) its UNet family's."""
-    return vae_latent_space(pipe.vae) or unet_family(pipe)
-
 
 class Denoiser:
     """Begins runs, advances them over a range of steps, and decodes them, for one model.

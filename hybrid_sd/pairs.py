@@ -15,16 +15,16 @@ import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import try_to_load_from_cache
 
-from hybrid_sd.denoiser import (
+from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.devices import check_device
+from hybrid_sd.errors import IncompatibleModelsError
+from hybrid_sd.latent_space import (
     LATENT_SPACE_BY_SCALING,
-    Denoiser,
     latent_space_name,
     pipeline_latent_space,
     unet_family,
     vae_latent_space,
 )
-from hybrid_sd.devices import check_device
-from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.lowbit.storage import QUANTIZATION_FILE, load_quantized_unet
 from hybrid_sd.model_refs import check_models, loading, resolve
 from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
