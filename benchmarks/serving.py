@@ -40,7 +40,7 @@ from hybrid_sd.pipeline import HybridPipeline  # noqa: E402
 from hybrid_sd.request import GenerationRequest  # noqa: E402
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb  # noqa: E402
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc  # noqa: E402
-from hybrid_sd.wire import handoff_to_pb, request_to_pb  # noqa: E402
+from hybrid_sd.wire import request_to_pb, state_payload  # noqa: E402
 from tests.serving import channel, free_port  # noqa: E402
 
 
@@ -126,8 +126,8 @@ def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
         )
     state.conditioning = conditioning
     state = state.to_dtype(dtype)
-    message = handoff_to_pb(state)
-    lean = handoff_to_pb(for_edge(state, EdgeProfile("fingerprint", dtype)))
+    message = pb.Handoff.FromString(state_payload(state))
+    lean = pb.Handoff.FromString(state_payload(for_edge(state, EdgeProfile("fingerprint", dtype))))
     tensors = {name: len(tensor.data) for name, tensor in message.tensors.items()}
     return {
         "case": f"{family} {size}x{size} {str(dtype).removeprefix('torch.')}",

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reporting import print_table  # noqa: E402
 from hybrid_sd.denoiser import Denoiser  # noqa: E402
+from hybrid_sd.edge_profile import EdgeProfile  # noqa: E402
+from hybrid_sd.halves import cloud_half  # noqa: E402
 from hybrid_sd.pairs import load_cloud  # noqa: E402
 from hybrid_sd.presets import PairSpec  # noqa: E402
 from hybrid_sd.request import GenerationRequest  # noqa: E402
-from hybrid_sd.rpc import GrpcEdgeClient  # noqa: E402
-from hybrid_sd.service import cloud_denoise  # noqa: E402
-from hybrid_sd.v1 import hybrid_sd_pb2 as pb  # noqa: E402
-from hybrid_sd.wire import request_to_pb  # noqa: E402
+from hybrid_sd.results import OutputSpec  # noqa: E402
+from hybrid_sd.rpc_clients import GrpcEdgeClient  # noqa: E402
 from tests.serving import LoopThread, grpc_edge_client, serve_edge_in, stop  # noqa: E402
 from tests.shaped_link import ShapedLink, shaped_link, unavailable_reason  # noqa: E402
 from tests.wide_text_pair import save_wide_text_pipeline  # noqa: E402
@@ -53,21 +53,17 @@ REQUEST = GenerationRequest(
 )
 
 
-def one_request(loop: LoopThread, cloud: Denoiser, edge: GrpcEdgeClient, profile: pb.EdgeProfile | None) -> dict:
+def one_request(loop: LoopThread, cloud: Denoiser, edge: GrpcEdgeClient, profile: EdgeProfile | None) -> dict:
     """The cloud half here, then Refine over the link: what orchestrate.generate does, timed."""
-    message = pb.DenoiseRequest(request=request_to_pb(REQUEST), edge_profile=profile)
     started = time.perf_counter()
-    handoff = cloud_denoise(cloud, message, "local", None)
+    handoff = cloud_half(cloud, REQUEST, profile)
     sent = time.perf_counter()
-    refine = pb.RefineRequest(handoff=handoff, output_format=pb.OUTPUT_FORMAT_LATENTS)
-    result = loop.run(edge.refine(refine, None))
+    result = loop.run(edge.refine(handoff, OutputSpec(decode=False)))
     done = time.perf_counter()
-    edge_compute = result.handoff_decode_seconds + result.encode_prompt_seconds
-    edge_compute += result.edge_denoise_seconds + result.vae_decode_seconds
     return {
-        "handoff_bytes": handoff.ByteSize(),
-        "transfer_s": done - sent - edge_compute,  # the link, both ways, and gRPC
-        "edge_encode_s": result.encode_prompt_seconds,
+        "handoff_bytes": len(handoff.payload),
+        "transfer_s": done - sent - sum(result.timings.values()),  # the link, both ways, and gRPC
+        "edge_encode_s": result.timings["encode_prompt"],
         "total_s": done - started,
     }
 
@@ -76,7 +72,7 @@ def measure(link: ShapedLink, cloud: Denoiser, target: str, rates: list[float], 
     loop = LoopThread()
     try:
         edge = loop.run(grpc_edge_client(target))
-        profiles = {"full": None, "lean": loop.run(edge.profile(None))}
+        profiles = {"full": None, "lean": loop.run(edge.describe())}
         for mode in MODES:  # warm-up
             one_request(loop, cloud, edge, profiles[mode])
         samples: dict[tuple[float, str], list[dict]] = {(rate, mode): [] for rate in rates for mode in MODES}

@@ -19,6 +19,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
+from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.errors import (
     CloudUnavailableError,
     DeadlineExceededError,
@@ -26,12 +27,17 @@ from hybrid_sd.errors import (
     QueueFullError,
     RunCancelledError,
 )
+from hybrid_sd.halves import LocalCloud
+from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
-from hybrid_sd.rpc import ProgressCallback, seconds_left
-from hybrid_sd.service import ComputeLane, as_events, cloud_denoise, with_progress
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.results import Handoff
+from hybrid_sd.rpc_clients import seconds_left
+from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.wire import denoise_from_pb, denoise_to_pb, handoff_from_pb, handoff_to_pb, progress_from_pb
 
 logger = logging.getLogger(__name__)
 
@@ -57,29 +63,26 @@ class CloudDenoiserDeployment:
         # Ray limits an actor to OMP_NUM_THREADS=num_cpus; CPU kernels reduce in a thread-count
         # dependent order, so a bit-exact handoff needs the thread count the edge uses.
         torch.set_num_threads(torch_threads)
-        self.denoiser = load_cloud(PairSpec(**pair), device, getattr(torch, dtype))
-        self.denoiser.limits = RequestLimits(**limits)
-        self.lane = ComputeLane()
-        self.replica = serve.get_replica_context().replica_tag
-        self.node = ray.get_runtime_context().get_node_id()
+        denoiser = load_cloud(PairSpec(**pair), device, getattr(torch, dtype))
+        denoiser.limits = RequestLimits(**limits)
+        replica, node = serve.get_replica_context().replica_tag, ray.get_runtime_context().get_node_id()
+        self.half = LocalCloud(denoiser, replica, node)
 
     async def _denoise(
         self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.Handoff:
-        work = partial(cloud_denoise, self.denoiser, pb.DenoiseRequest.FromString(request), self.replica)
-        handoff = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
-        handoff.cloud_node = self.node
-        return handoff
+    ) -> Handoff:
+        generation, edge = denoise_from_pb(pb.DenoiseRequest.FromString(request))
+        return await self.half.denoise(generation, edge, deadline, on_progress)
 
     async def denoise(self, request: bytes, deadline: float | None) -> bytes | Rejection:
         try:
-            return (await self._denoise(request, deadline)).SerializeToString()
+            return handoff_to_pb(await self._denoise(request, deadline)).SerializeToString()
         except tuple(REJECTED.values()) as error:
             return _rejection(error)
 
     async def denoise_stream(self, request: bytes, deadline: float | None) -> AsyncIterator[bytes | Rejection]:
         """Serialized DenoiseEvents: one per UNet evaluation, then the handoff (or a rejection)."""
-        events = as_events(with_progress(partial(self._denoise, request, deadline)), pb.DenoiseEvent, "handoff")
+        events = as_events(partial(self._denoise, request, deadline), pb.DenoiseEvent, "handoff", handoff_to_pb)
         try:
             async for event in events:
                 yield event.SerializeToString()
@@ -152,17 +155,22 @@ class RayCloudClient:
                 response.cancel()
 
     async def denoise(
-        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.Handoff:
+        self,
+        request: GenerationRequest,
+        edge: EdgeProfile | None,
+        deadline: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Handoff:
         if self._handle is None:
             raise CloudUnavailableError("the cloud denoiser is still deploying")
         if not self.alive:
             raise CloudUnavailableError("no cloud denoiser replica is running (Ray is replacing it)")
+        message = denoise_to_pb(request, edge).SerializeToString()
         if on_progress is None:
-            response = self._handle.denoise.remote(request.SerializeToString(), deadline)
+            response = self._handle.denoise.remote(message, deadline)
             receive = response
         else:
-            response = self._handle.options(stream=True).denoise_stream.remote(request.SerializeToString(), deadline)
+            response = self._handle.options(stream=True).denoise_stream.remote(message, deadline)
             receive = _handoff_after_progress(response, on_progress)
         self._in_flight.add(response)
         try:
@@ -181,7 +189,7 @@ class RayCloudClient:
             raise CloudUnavailableError(f"cloud denoiser unavailable: {error}") from error
         finally:
             self._in_flight.discard(response)
-        return pb.Handoff.FromString(data)
+        return handoff_from_pb(pb.Handoff.FromString(data))
 
 
 async def _handoff_after_progress(events, on_progress: ProgressCallback) -> bytes | Rejection:
@@ -192,7 +200,7 @@ async def _handoff_after_progress(events, on_progress: ProgressCallback) -> byte
         event = pb.DenoiseEvent.FromString(data)
         if event.HasField("handoff"):
             return event.handoff.SerializeToString()
-        on_progress(event.progress)
+        on_progress(progress_from_pb(event.progress))
     raise CloudUnavailableError("the cloud denoiser's stream ended without a handoff")
 
 

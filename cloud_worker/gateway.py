@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -28,20 +27,15 @@ from ray import serve
 from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind, running_replicas
 from cloud_worker.ray_node import START_ATTEMPTS, RayNode, joined_node, start_timed_out
 from hybrid_sd import orchestrate
+from hybrid_sd.credentials import Security
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.presets import PairSpec
-from hybrid_sd.rpc import (
-    CLOUD_DENOISER,
-    HYBRID_DIFFUSION,
-    GrpcEdgeClient,
-    RunningServer,
-    Security,
-    start_server,
-)
-from hybrid_sd.service import as_events, with_progress
+from hybrid_sd.rpc_clients import GrpcEdgeClient, open_channel
+from hybrid_sd.rpc_server import CLOUD_DENOISER, HYBRID_DIFFUSION, RunningServer, deadline_of, start_server
+from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import request_from_pb
+from hybrid_sd.wire import call_from_pb, denoise_from_pb, handoff_to_pb, result_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -67,26 +61,31 @@ class GatewayConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.time() + remaining
-
-
 class GatewayHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
     def __init__(self, pair_name: str, cloud: RayCloudClient, edge: GrpcEdgeClient, limits: RequestLimits):
         self.pair_name, self.cloud, self.edge, self.limits = pair_name, cloud, edge, limits
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return await orchestrate.generate(
-            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name, limits=self.limits
+    def _generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """orchestrate.generate for a call, waiting only for ``on_progress``."""
+        request, options = call_from_pb(message)
+        return partial(
+            orchestrate.generate,
+            request,
+            self.cloud,
+            self.edge,
+            options,
+            deadline=deadline_of(context),
+            served_pair=self.pair_name,
+            limits=self.limits,
         )
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return result_to_pb(await self._generate(request, context)())
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        async for event in orchestrate.generate_stream(
-            request, self.cloud, self.edge, _deadline(context), served_pair=self.pair_name, limits=self.limits
-        ):
+        async for event in as_events(self._generate(request, context), pb.GenerateEvent, "result", result_to_pb):
             yield event
 
 
@@ -96,16 +95,18 @@ class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
     def __init__(self, cloud: RayCloudClient, limits: RequestLimits):
         self.cloud, self.limits = cloud, limits
 
+    def _denoise(self, message: pb.DenoiseRequest, context: grpc.aio.ServicerContext):
+        request, edge = denoise_from_pb(message)
+        self.limits.check(request)
+        return partial(self.cloud.denoise, request, edge, deadline_of(context))
+
     async def Denoise(self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext) -> pb.Handoff:
-        self.limits.check(request_from_pb(request.request))
-        return await self.cloud.denoise(request, _deadline(context))
+        return handoff_to_pb(await self._denoise(request, context)())
 
     async def DenoiseStream(
         self, request: pb.DenoiseRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DenoiseEvent]:
-        self.limits.check(request_from_pb(request.request))
-        call = partial(self.cloud.denoise, request, _deadline(context))
-        async for event in as_events(with_progress(call), pb.DenoiseEvent, "handoff"):
+        async for event in as_events(self._denoise(request, context), pb.DenoiseEvent, "handoff", handoff_to_pb):
             yield event
 
 
@@ -180,7 +181,7 @@ def _stop_new_children(before: set[int]) -> None:
 async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]:
     """Serve until the block exits; health turns SERVING once the replicas have loaded the model."""
     cloud = RayCloudClient()
-    edge = GrpcEdgeClient(config.security.peer_channel(config.edge), config.edge_token)
+    edge = GrpcEdgeClient(open_channel(config.edge, config.security.peer_credentials()), config.edge_token)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_HybridDiffusionServicer_to_server(

@@ -21,24 +21,22 @@ import grpc
 import torch
 
 from hybrid_sd import orchestrate
+from hybrid_sd.credentials import Security
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile
+from hybrid_sd.halves import LocalEdge
+from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.presets import PairSpec
-from hybrid_sd.rpc import (
-    EDGE_REFINER,
-    HYBRID_DIFFUSION,
-    GrpcCloudClient,
-    ProgressCallback,
-    RunningServer,
-    Security,
-    start_server,
-)
-from hybrid_sd.service import ComputeLane, as_events, edge_refine, with_progress
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.results import EdgeResult, Handoff, OutputSpec
+from hybrid_sd.rpc_clients import GrpcCloudClient, open_channel
+from hybrid_sd.rpc_server import EDGE_REFINER, HYBRID_DIFFUSION, RunningServer, deadline_of, start_server
+from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import edge_profile_to_pb
+from hybrid_sd.wire import call_from_pb, edge_profile_to_pb, edge_result_to_pb, refine_from_pb, result_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +59,21 @@ class EdgeConfig:
 
 
 class EdgeWorker:
-    """The edge's model, its compute lane, and its link to the cloud."""
+    """The edge's model on its compute lane (the edge half of every request it serves), and its link
+    to the cloud."""
 
     def __init__(self, config: EdgeConfig):
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         self.config = config
-        self.denoiser: Denoiser | None = None
-        self.lane = ComputeLane()
+        self.half: LocalEdge | None = None  # once the model is loaded
         self.cloud = None
         if config.cloud:
-            self.cloud = GrpcCloudClient(config.security.peer_channel(config.cloud), config.cloud_token)
+            channel = open_channel(config.cloud, config.security.peer_credentials())
+            self.cloud = GrpcCloudClient(channel, config.cloud_token)
 
     async def load(self) -> None:
-        self.denoiser = await asyncio.to_thread(self._load)
+        self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name)
         logger.info("edge model %s loaded", self.config.pair.edge)
 
     def _load(self) -> Denoiser:
@@ -84,27 +83,30 @@ class EdgeWorker:
         denoiser.text_encoder_id  # noqa: B018 - fingerprint the text encoders now, not in the first Describe
         return denoiser
 
-    async def profile(self, deadline: float | None = None) -> pb.EdgeProfile | None:
-        """This worker's profile (see EdgeProfile); None while the model loads."""
-        return None if self.denoiser is None else edge_profile_to_pb(EdgeProfile.of(self.denoiser))
+    def _loaded(self) -> LocalEdge:
+        if self.half is None:
+            raise RuntimeError("the edge model is not loaded")
+        return self.half
+
+    async def describe(self, deadline: float | None = None) -> EdgeProfile:
+        return await self._loaded().describe(deadline)
 
     async def refine(
-        self, message: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.ImageResult:
-        """The in-process EdgeClient of edge-initiated requests, and the body of Refine(Stream)."""
-        if self.denoiser is None:
-            raise RuntimeError("the edge model is not loaded")
-        work = partial(edge_refine, self.denoiser, message, self.config.name)
-        return await self.lane.run(work, deadline, on_progress, "edge_denoise")
+        self,
+        start: Handoff | GenerationRequest,
+        output: OutputSpec,
+        deadline: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> EdgeResult:
+        return await self._loaded().refine(start, output, deadline, on_progress)
 
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.time() + remaining
+    def close(self) -> None:
+        if self.half is not None:
+            self.half.lane.shutdown()
 
 
 async def _unless_loading(context: grpc.aio.ServicerContext, worker: EdgeWorker) -> None:
-    if worker.denoiser is None:
+    if worker.half is None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the edge model is still loading")
 
 
@@ -114,18 +116,20 @@ class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.EdgeProfile:
         await _unless_loading(context, self.worker)
-        return await self.worker.profile()
+        return edge_profile_to_pb(await self.worker.describe())
 
     async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
         await _unless_loading(context, self.worker)
-        return await self.worker.refine(request, _deadline(context))
+        start, output = refine_from_pb(request)
+        return edge_result_to_pb(await self.worker.refine(start, output, deadline_of(context)))
 
     async def RefineStream(
         self, request: pb.RefineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RefineEvent]:
         await _unless_loading(context, self.worker)
-        call = partial(self.worker.refine, request, _deadline(context))
-        async for event in as_events(with_progress(call), pb.RefineEvent, "result"):
+        start, output = refine_from_pb(request)
+        call = partial(self.worker.refine, start, output, deadline_of(context))
+        async for event in as_events(call, pb.RefineEvent, "result", edge_result_to_pb):
             yield event
 
 
@@ -135,13 +139,17 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
     def __init__(self, worker: EdgeWorker):
         self.worker = worker
 
-    def _orchestration(self, context: grpc.aio.ServicerContext) -> dict:
-        """Arguments of orchestrate.generate(_stream) for a call: clients, deadlines, pair."""
+    def _generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """orchestrate.generate for a call, waiting only for ``on_progress``."""
+        request, options = call_from_pb(message)
         timeout = self.worker.config.cloud_timeout
-        return dict(
-            cloud=self.worker.cloud,
-            edge=self.worker,
-            deadline=_deadline(context),
+        return partial(
+            orchestrate.generate,
+            request,
+            self.worker.cloud,
+            self.worker,
+            options,
+            deadline=deadline_of(context),
             cloud_deadline=None if timeout is None else time.time() + timeout,
             served_pair=self.worker.config.pair_name,
             limits=self.worker.config.limits,
@@ -149,13 +157,13 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         await _unless_loading(context, self.worker)
-        return await orchestrate.generate(request, **self._orchestration(context))
+        return result_to_pb(await self._generate(request, context)())
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         await _unless_loading(context, self.worker)
-        async for event in orchestrate.generate_stream(request, **self._orchestration(context)):
+        async for event in as_events(self._generate(request, context), pb.GenerateEvent, "result", result_to_pb):
             yield event
 
 
@@ -178,4 +186,4 @@ async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
         yield server
     finally:
         await server.stop()
-        worker.lane.shutdown()
+        worker.close()

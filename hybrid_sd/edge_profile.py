@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hybrid_sd.request import GenerationRequest
 from hybrid_sd.state import HybridState
 
 if TYPE_CHECKING:
@@ -21,14 +22,29 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EdgeProfile:
-    """The receiving edge: its text encoders' fingerprint and the dtype it denoises in."""
+    """The receiving edge: its text encoders' fingerprint, the dtype it denoises in, and the size and
+    scheduler a request that names none gets (the edge model's own: it is the one model every path
+    runs, so in-process, served, edge-initiated and fallback requests resolve alike)."""
 
     text_encoder_id: str
     dtype: torch.dtype
+    default_width: int = 0
+    default_height: int = 0
+    default_scheduler: str = ""
 
     @classmethod
     def of(cls, denoiser: Denoiser) -> EdgeProfile:
-        return cls(denoiser.text_encoder_id, denoiser.dtype)
+        size, scheduler = denoiser.default_size, type(denoiser.pipe.scheduler).__name__
+        return cls(denoiser.text_encoder_id, denoiser.dtype, size, size, scheduler)
+
+    def fill(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with the size and scheduler it leaves unset taken from this edge."""
+        return dataclasses.replace(
+            request,
+            width=request.width or self.default_width or None,
+            height=request.height or self.default_height or None,
+            scheduler=request.scheduler or self.default_scheduler or None,
+        )
 
 
 def for_edge(state: HybridState, edge: EdgeProfile) -> HybridState:

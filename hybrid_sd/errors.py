@@ -1,4 +1,4 @@
-"""Errors the serving layer maps to gRPC status codes (see hybrid_sd.rpc)."""
+"""Errors the serving layer maps to gRPC status codes (see hybrid_sd.rpc_server.status_for)."""
 
 
 class IncompatibleModelsError(ValueError):

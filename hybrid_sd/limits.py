@@ -13,6 +13,10 @@ from hybrid_sd.request import GenerationRequest
 
 # Every gRPC message, either way. A 1024x1024 SDXL image or handoff is a few MB; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ class GenerationRequest:
 
     ``switch_step=None`` hands over after 40% of the steps (early steps fix the layout, which needs
     the large model). ``seed=None`` draws a random seed; ``width``/``height=None`` take the
-    model's native size; ``scheduler=None`` keeps the cloud model's own scheduler class.
+    edge model's native size and ``scheduler=None`` its scheduler class (the edge runs on every path:
+    see :meth:`hybrid_sd.edge_profile.EdgeProfile.fill`).
     """
 
     prompt: str

@@ -1,28 +1,24 @@
-"""The handoff: everything the next denoising step needs, as one value with ``to_bytes``.
+"""The handoff: everything the next denoising step needs, as one value, and its parts: one JSON
+document and named tensors (``to_parts``/``from_parts``).
 
-On the wire it is a safetensors file: tensors as raw little-endian bytes, everything else as one
-JSON document in the safetensors metadata. No pickle anywhere. A lean handoff leaves the prompt
+On the wire (:func:`hybrid_sd.wire.state_payload`) the parts are a ``Handoff`` message: tensors as raw
+little-endian bytes, the document as JSON. No pickle anywhere. A lean handoff leaves the prompt
 embeddings out and says so (``"conditioning": "omitted"``); see :mod:`hybrid_sd.edge_profile`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import Conditioning
 from hybrid_sd.request import GenerationRequest
 
 FORMAT = "hybrid-sd.state/1"
-_METADATA_KEY = "hybrid_sd"
 _COND_PREFIX = "conditioning."
 _SAMPLER_PREFIX = "sampler."
 CARRIED, OMITTED = "carried", "omitted"  # the document's "conditioning": embeddings in the tensors, or left out
@@ -139,20 +135,6 @@ class HybridState:
             model=str(document.get("model", "")),
         )
 
-    def to_bytes(self) -> bytes:
-        document, tensors = self.to_parts()
-        return save_safetensors(tensors, metadata={_METADATA_KEY: json.dumps(document)})
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> HybridState:
-        """Parse a handoff; a malformed one raises ``ValueError`` naming what is wrong."""
-        try:
-            tensors = load_safetensors(data)
-            document = json.loads(_read_metadata(data)[_METADATA_KEY])
-        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"handoff is not a hybrid-sd state: {error}") from error
-        return cls.from_parts(document, tensors)
-
 
 _DOCUMENT_TYPES = {
     "latent_space": str,
@@ -170,9 +152,3 @@ def _conditioning_mode(document: dict[str, Any]) -> str:
     if mode not in (CARRIED, OMITTED):
         raise ValueError(f"handoff field 'conditioning' must be {CARRIED!r} or {OMITTED!r}, got {mode!r}")
     return mode
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors buffer (the format: 8-byte length, then a JSON header)."""
-    header_length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_length])["__metadata__"]

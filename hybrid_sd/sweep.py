@@ -9,40 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import io
 import json
 import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from hybrid_sd.metrics import psnr, ssim
 from hybrid_sd.request import MAX_SEED, GenerationRequest
+from hybrid_sd.results import STAGES, CallOptions, GenerationResult, OutputSpec
 from hybrid_sd.shapes.adherence import parse_caption, score
 
-if TYPE_CHECKING:
-    from hybrid_sd.pipeline import HybridPipeline
-
-# The in-process pipeline's stages and the served API's (StageTimings), in one fixed set of columns so
-# that results.csv has the same header whichever runner wrote it; a stage a runner does not report is empty.
-STAGES = (
-    "queue",
-    "encode_prompt",
-    "cloud_denoise",
-    "handoff",
-    "handoff_encode",
-    "handoff_transfer",
-    "handoff_decode",
-    "edge_denoise",
-    "decode",
-    "vae_decode",
-    "total",
-)
 TIMING_COLUMNS = tuple(f"t_{stage}_s" for stage in STAGES)
 KEY_COLUMNS = ("prompt_index", "prompt", "seed", "switch_step", "num_inference_steps", "scheduler", "guidance_scale")
 METRIC_COLUMNS = ("adherence", "psnr", "ssim", "cloud_unet_evaluations", "edge_unet_evaluations", "handoff_bytes")
@@ -58,21 +39,8 @@ Key = tuple[int, int, int]  # (prompt index, seed, switch step)
 Row = dict[str, str]  # one results.csv row, as the csv module reads it back
 
 
-@dataclass(frozen=True)
-class SweepSample:
-    """What one generation contributes to a sweep, whichever way it ran."""
-
-    image: Image.Image
-    seed: int
-    switch_step: int
-    num_inference_steps: int
-    cloud_evaluations: int
-    edge_evaluations: int
-    handoff_bytes: int
-    timings: dict[str, float]  # seconds per stage
-
-
-Runner = Callable[[GenerationRequest], SweepSample]
+# Generates one request: a HybridPipeline, or remote_runner's gRPC call.
+Runner = Callable[[GenerationRequest], GenerationResult]
 
 
 @dataclass(frozen=True)
@@ -131,25 +99,6 @@ class SweepConfig:
         )
 
 
-def in_process_runner(pipeline: HybridPipeline) -> Runner:
-    """A runner that generates with ``pipeline`` in this process."""
-
-    def run(request: GenerationRequest) -> SweepSample:
-        result = pipeline(request)
-        return SweepSample(
-            image=result.image,
-            seed=result.request.seed,
-            switch_step=result.request.switch_step,
-            num_inference_steps=result.request.num_inference_steps,
-            cloud_evaluations=result.unet_evaluations["cloud"],
-            edge_evaluations=result.unet_evaluations["edge"],
-            handoff_bytes=result.handoff_bytes,
-            timings=dict(result.timings),
-        )
-
-    return run
-
-
 def remote_runner(
     target: str,
     token: str | None = None,
@@ -160,27 +109,11 @@ def remote_runner(
     """A runner that calls ``Generate`` on a gateway or edge worker at ``target`` for a PNG."""
     # Imported here: the gRPC stack is only needed against a live cluster.
     from hybrid_sd.client import generate_remote
-    from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-    from hybrid_sd.wire import request_to_pb
 
-    def run(request: GenerationRequest) -> SweepSample:
-        message = request_to_pb(request)
-        message.output_format = pb.OUTPUT_FORMAT_PNG
-        if pair:
-            message.pair = pair
-        response = asyncio.run(generate_remote(target, message, None, token, tls_ca, timeout))
-        image = Image.open(io.BytesIO(response.image))
-        image.load()
-        return SweepSample(
-            image=image,
-            seed=response.seed,
-            switch_step=response.switch_step,
-            num_inference_steps=response.num_inference_steps,
-            cloud_evaluations=response.cloud_unet_evaluations,
-            edge_evaluations=response.edge_unet_evaluations,
-            handoff_bytes=response.handoff_bytes,
-            timings={field.name: value for field, value in response.timings.ListFields()},
-        )
+    options = CallOptions(output=OutputSpec(image_format="PNG", latents=False), pair=pair or "")
+
+    def run(request: GenerationRequest) -> GenerationResult:
+        return asyncio.run(generate_remote(target, request, options, token, tls_ca, timeout))
 
     return run
 
@@ -250,8 +183,8 @@ def _check_same_sweep(config: SweepConfig, row: Row, path: Path) -> None:
 def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
     """Generate one image, save it and score it; its results.csv row."""
     index, seed, k = key
-    sample = runner(config.request(key))
-    image = sample.image.convert("RGB")
+    result = runner(config.request(key))
+    image = result.image.convert("RGB")
     relative = Path("images") / f"p{index}_s{seed}_k{k}.png"
     image.save(config.out / relative, format="PNG")
     if k == config.num_inference_steps:
@@ -274,12 +207,12 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
         adherence=adherence(image, config.prompts[index]),
         psnr=psnr_db,
         ssim=similarity,
-        cloud_unet_evaluations=sample.cloud_evaluations,
-        edge_unet_evaluations=sample.edge_evaluations,
-        handoff_bytes=sample.handoff_bytes,
+        cloud_unet_evaluations=result.unet_evaluations["cloud"],
+        edge_unet_evaluations=result.unet_evaluations["edge"],
+        handoff_bytes=result.handoff_bytes,
         image=relative.as_posix(),
     )
-    row.update({f"t_{stage}_s": seconds for stage, seconds in sample.timings.items() if stage in STAGES})
+    row.update({f"t_{stage}_s": seconds for stage, seconds in result.timings.items()})
     # As strings, like the rows read back on resume, so that both summarise the same way.
     return {column: "" if value is None else str(value) for column, value in row.items()}
 

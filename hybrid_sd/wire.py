@@ -6,15 +6,19 @@ library values inward. Every decoder validates and raises ``ValueError`` naming 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 
 import PIL.Image
 import torch
+from google.protobuf.message import DecodeError
 
 from hybrid_sd.edge_profile import EdgeProfile
+from hybrid_sd.lane import Progress
 from hybrid_sd.request import MAX_SEED, GenerationRequest
+from hybrid_sd.results import STAGES, CallOptions, EdgeResult, GenerationResult, Handoff, OutputSpec
 from hybrid_sd.state import FORMAT, HybridState
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 
@@ -23,11 +27,12 @@ TENSOR_DTYPES = {
     for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 }
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+# Output formats that are images, as PIL names them.
 IMAGE_FORMATS = {
-    pb.OUTPUT_FORMAT_UNSPECIFIED: ("PNG", "image/png"),
-    pb.OUTPUT_FORMAT_PNG: ("PNG", "image/png"),
-    pb.OUTPUT_FORMAT_JPEG: ("JPEG", "image/jpeg"),
-    pb.OUTPUT_FORMAT_WEBP: ("WEBP", "image/webp"),
+    pb.OUTPUT_FORMAT_UNSPECIFIED: "PNG",
+    pb.OUTPUT_FORMAT_PNG: "PNG",
+    pb.OUTPUT_FORMAT_JPEG: "JPEG",
+    pb.OUTPUT_FORMAT_WEBP: "WEBP",
 }
 
 
@@ -98,16 +103,24 @@ def request_to_pb(request: GenerationRequest, template: pb.GenerateRequest | Non
     return message
 
 
-def handoff_to_pb(state: HybridState) -> pb.Handoff:
+def state_payload(state: HybridState) -> bytes:
+    """``state`` as the bytes of a ``Handoff`` message holding only the state (format, state_json,
+    tensors): what crosses to the edge, and what ``handoff_bytes`` counts on every path."""
     document, tensors = state.to_parts()
-    return pb.Handoff(
+    message = pb.Handoff(
         format=FORMAT,
         state_json=json.dumps(document),
         tensors={name: tensor_to_pb(tensor) for name, tensor in tensors.items()},
     )
+    return message.SerializeToString()
 
 
-def handoff_from_pb(message: pb.Handoff) -> HybridState:
+def state_from_payload(payload: bytes) -> HybridState:
+    """Parse :func:`state_payload`'s bytes; a malformed one raises ``ValueError`` naming what is wrong."""
+    try:
+        message = pb.Handoff.FromString(payload)
+    except DecodeError as error:
+        raise ValueError(f"handoff is not a Handoff message: {error}") from error
     try:
         document = json.loads(message.state_json)
     except json.JSONDecodeError as error:
@@ -116,29 +129,221 @@ def handoff_from_pb(message: pb.Handoff) -> HybridState:
     return HybridState.from_parts(document, tensors)
 
 
-def check_output_format(output_format: int) -> None:
-    """Refuse an output format that is neither an image format nor latents, before any work."""
-    if output_format not in IMAGE_FORMATS and output_format != pb.OUTPUT_FORMAT_LATENTS:
+# Handoff fields that describe how the state was made, not the state.
+_HANDOFF_SECONDS = {
+    "queue": "queue_seconds",
+    "encode_prompt": "encode_prompt_seconds",
+    "cloud_denoise": "cloud_denoise_seconds",
+    "handoff_encode": "handoff_encode_seconds",
+}
+
+
+def handoff_to_pb(handoff: Handoff) -> pb.Handoff:
+    message = pb.Handoff.FromString(handoff.payload)
+    message.cloud_model, message.cloud_replica, message.cloud_node = handoff.model, handoff.replica, handoff.node
+    message.cloud_unet_evaluations = handoff.unet_evaluations
+    for stage, name in _HANDOFF_SECONDS.items():
+        setattr(message, name, handoff.timings.get(stage, 0.0))
+    return message
+
+
+def handoff_from_pb(message: pb.Handoff) -> Handoff:
+    """The plain handoff of a message (its state decoded only by the edge that continues it)."""
+    state = pb.Handoff(format=message.format, state_json=message.state_json)
+    state.tensors.MergeFrom(message.tensors)
+    return Handoff(
+        payload=state.SerializeToString(),
+        unet_evaluations=message.cloud_unet_evaluations,
+        timings={stage: getattr(message, name) for stage, name in _HANDOFF_SECONDS.items()},
+        model=message.cloud_model,
+        replica=message.cloud_replica,
+        node=message.cloud_node,
+    )
+
+
+def output_from_pb(output_format: int, include_latents: bool) -> OutputSpec:
+    """The output a call asks for, refusing an output format that is neither an image format nor latents."""
+    if output_format == pb.OUTPUT_FORMAT_LATENTS:
+        return OutputSpec(decode=False, latents=True)
+    if output_format not in IMAGE_FORMATS:
         known = ", ".join(pb.OutputFormat.Name(value) for value in (*IMAGE_FORMATS, pb.OUTPUT_FORMAT_LATENTS))
         raise ValueError(f"output_format {output_format} is not one of {known}")
+    return OutputSpec(decode=True, image_format=IMAGE_FORMATS[output_format], latents=include_latents)
+
+
+def output_to_pb(output: OutputSpec) -> tuple[int, bool]:
+    """``(output_format, include_latents)`` of an output; a served call always encodes its image."""
+    if not output.decode:
+        return pb.OUTPUT_FORMAT_LATENTS, True
+    by_name = {name: value for value, name in IMAGE_FORMATS.items() if value != pb.OUTPUT_FORMAT_UNSPECIFIED}
+    return by_name[output.image_format or "PNG"], output.latents
+
+
+def call_from_pb(message: pb.GenerateRequest) -> tuple[GenerationRequest, CallOptions]:
+    """A ``Generate`` call's request and options, validated (``ValueError`` names a bad field)."""
+    options = CallOptions(
+        output=output_from_pb(message.output_format, message.include_latents),
+        allow_edge_fallback=message.allow_edge_fallback,
+        request_id=message.request_id,
+        pair=message.pair,
+    )
+    return request_from_pb(message), options
+
+
+def call_to_pb(request: GenerationRequest, options: CallOptions) -> pb.GenerateRequest:
+    message = request_to_pb(request)
+    message.output_format, message.include_latents = output_to_pb(options.output)
+    message.allow_edge_fallback, message.request_id, message.pair = (
+        options.allow_edge_fallback,
+        options.request_id,
+        options.pair,
+    )
+    return message
+
+
+def denoise_to_pb(request: GenerationRequest, edge: EdgeProfile | None) -> pb.DenoiseRequest:
+    message = pb.DenoiseRequest(request=request_to_pb(request))
+    if edge is not None:
+        message.edge_profile.CopyFrom(edge_profile_to_pb(edge))
+    return message
+
+
+def denoise_from_pb(message: pb.DenoiseRequest) -> tuple[GenerationRequest, EdgeProfile | None]:
+    edge = edge_profile_from_pb(message.edge_profile) if message.HasField("edge_profile") else None
+    return request_from_pb(message.request), edge
+
+
+def refine_to_pb(start: Handoff | GenerationRequest, output: OutputSpec) -> pb.RefineRequest:
+    message = pb.RefineRequest()
+    if isinstance(start, Handoff):
+        message.handoff.MergeFromString(start.payload)
+    else:
+        message.request.CopyFrom(request_to_pb(start))
+    message.output_format, message.include_latents = output_to_pb(output)
+    return message
+
+
+def refine_from_pb(message: pb.RefineRequest) -> tuple[Handoff | GenerationRequest, OutputSpec]:
+    output = output_from_pb(message.output_format, message.include_latents)
+    if message.HasField("handoff"):
+        return handoff_from_pb(message.handoff), output
+    return request_from_pb(message.request), output
+
+
+def edge_result_to_pb(result: EdgeResult) -> pb.ImageResult:
+    message = pb.ImageResult(
+        image=result.image_data,
+        mime_type=result.mime_type,
+        request=request_to_pb(result.request),
+        edge_unet_evaluations=result.unet_evaluations,
+        edge_worker=result.worker,
+        edge_profile=edge_profile_to_pb(result.profile),
+    )
+    if result.latents is not None:
+        message.latents.CopyFrom(tensor_to_pb(result.latents))
+    for stage in ("queue", "handoff_decode", "encode_prompt", "edge_denoise", "vae_decode"):
+        setattr(message, f"{stage}_seconds", result.timings.get(stage, 0.0))
+    return message
+
+
+def edge_result_from_pb(message: pb.ImageResult) -> EdgeResult:
+    stages = ("queue", "handoff_decode", "encode_prompt", "edge_denoise", "vae_decode")
+    return EdgeResult(
+        request=request_from_pb(message.request),
+        unet_evaluations=message.edge_unet_evaluations,
+        timings={stage: getattr(message, f"{stage}_seconds") for stage in stages},
+        profile=edge_profile_from_pb(message.edge_profile),
+        worker=message.edge_worker,
+        image=decode_image(message.image),
+        image_data=message.image,
+        mime_type=message.mime_type,
+        latents=tensor_from_pb(message.latents, "latents") if message.HasField("latents") else None,
+    )
+
+
+def result_to_pb(result: GenerationResult) -> pb.GenerateResponse:
+    request = result.request
+    return pb.GenerateResponse(
+        image=result.image_data,
+        mime_type=result.mime_type,
+        latents=tensor_to_pb(result.latents) if result.latents is not None else None,
+        seed=request.seed,
+        switch_step=request.switch_step,
+        num_inference_steps=request.num_inference_steps,
+        scheduler=request.scheduler,
+        width=request.width,
+        height=request.height,
+        timings=pb.StageTimings(**{stage: result.timings.get(stage, 0.0) for stage in STAGES}),
+        handoff_bytes=result.handoff_bytes,
+        cloud_unet_evaluations=result.unet_evaluations["cloud"],
+        edge_unet_evaluations=result.unet_evaluations["edge"],
+        cloud_replica=result.cloud_replica,
+        cloud_node=result.cloud_node,
+        edge_worker=result.edge_worker,
+        edge_fallback=result.edge_fallback,
+        request_id=result.request_id,
+    )
+
+
+def result_from_pb(message: pb.GenerateResponse, asked: GenerationRequest) -> GenerationResult:
+    """A served response to ``asked`` as a result (a response repeats only what the server resolved)."""
+    request = dataclasses.replace(
+        asked,
+        switch_step=message.switch_step,
+        num_inference_steps=message.num_inference_steps,
+        seed=message.seed,
+        width=message.width,
+        height=message.height,
+        scheduler=message.scheduler,
+    )
+    return GenerationResult(
+        request=request,
+        unet_evaluations={"cloud": message.cloud_unet_evaluations, "edge": message.edge_unet_evaluations},
+        handoff_bytes=message.handoff_bytes,
+        timings={stage: getattr(message.timings, stage) for stage in STAGES},
+        image=decode_image(message.image),
+        image_data=message.image,
+        mime_type=message.mime_type,
+        latents=tensor_from_pb(message.latents, "latents") if message.HasField("latents") else None,
+        cloud_replica=message.cloud_replica,
+        cloud_node=message.cloud_node,
+        edge_worker=message.edge_worker,
+        edge_fallback=message.edge_fallback,
+        request_id=message.request_id,
+    )
+
+
+def decode_image(data: bytes) -> PIL.Image.Image | None:
+    """The image of encoded bytes (decoded when its pixels are first read); None for no bytes."""
+    return PIL.Image.open(io.BytesIO(data)) if data else None
+
+
+def progress_to_pb(progress: Progress) -> pb.Progress:
+    return pb.Progress(stage=progress.stage, step=progress.step, total=progress.total)
+
+
+def progress_from_pb(message: pb.Progress) -> Progress:
+    return Progress(message.stage, message.step, message.total)
 
 
 def edge_profile_to_pb(profile: EdgeProfile) -> pb.EdgeProfile:
-    return pb.EdgeProfile(text_encoder_id=profile.text_encoder_id, dtype=str(profile.dtype).removeprefix("torch."))
+    return pb.EdgeProfile(
+        text_encoder_id=profile.text_encoder_id,
+        dtype=str(profile.dtype).removeprefix("torch."),
+        default_width=profile.default_width,
+        default_height=profile.default_height,
+        default_scheduler=profile.default_scheduler,
+    )
 
 
 def edge_profile_from_pb(message: pb.EdgeProfile) -> EdgeProfile:
     """Decode an edge's profile, refusing a dtype it cannot denoise in."""
     if message.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"edge_profile.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {message.dtype!r}")
-    return EdgeProfile(message.text_encoder_id, TENSOR_DTYPES[message.dtype])
-
-
-def encode_image(image: PIL.Image.Image, output_format: int) -> tuple[bytes, str]:
-    """Image bytes and MIME type for a non-latent output format."""
-    if output_format not in IMAGE_FORMATS:
-        raise ValueError(f"output_format {output_format} is not an image format")
-    pil_format, mime_type = IMAGE_FORMATS[output_format]
-    buffer = io.BytesIO()
-    image.save(buffer, format=pil_format)
-    return buffer.getvalue(), mime_type
+    return EdgeProfile(
+        message.text_encoder_id,
+        TENSOR_DTYPES[message.dtype],
+        message.default_width,
+        message.default_height,
+        message.default_scheduler,
+    )

@@ -3,11 +3,12 @@ the same code as a real checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import PairSpec
@@ -40,6 +41,19 @@ def pair_specs(model_home) -> dict[str, PairSpec]:
 @pytest.fixture(scope="session")
 def pairs(pair_specs) -> dict[str, ModelPair]:
     return {family: load_pair(spec) for family, spec in pair_specs.items()}
+
+
+@pytest.fixture(scope="session")
+def other_defaults_spec(pair_specs, tmp_path_factory) -> PairSpec:
+    """The tiny SD 1.x pair with an edge whose own size (32 px, the cloud's is 64) and scheduler (Euler,
+    the cloud's is PLMS) differ from the cloud's: what a request leaves unset must resolve alike on every path."""
+    spec = pair_specs["sd1"]
+    edge = DiffusionPipeline.from_pretrained(spec.edge)
+    edge.unet.register_to_config(sample_size=edge.unet.config.sample_size // 2)
+    edge.scheduler = EulerDiscreteScheduler.from_config(edge.scheduler.config)
+    folder = tmp_path_factory.mktemp("other-defaults-edge")
+    edge.save_pretrained(folder)
+    return dataclasses.replace(spec, edge=str(folder))
 
 
 def load_reference(path: str) -> DiffusionPipeline:

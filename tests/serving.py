@@ -4,6 +4,7 @@ an asyncio loop on a thread, and async context managers entered on it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -15,10 +16,10 @@ from contextlib import AbstractAsyncContextManager
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hybrid_sd.denoiser import Denoiser
-from hybrid_sd.rpc import CHANNEL_OPTIONS, GrpcEdgeClient, ProgressCallback, open_channel
-from hybrid_sd.service import cloud_denoise
-from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.edge_profile import EdgeProfile
+from hybrid_sd.limits import CHANNEL_OPTIONS
+from hybrid_sd.results import EdgeResult
+from hybrid_sd.rpc_clients import GrpcEdgeClient, open_channel
 from tests.shaped_link import ShapedLink
 
 
@@ -57,31 +58,17 @@ def channel(port: int) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
 
 
-class LocalCloud:
-    """The cloud half in this process, as a Ray replica runs it (an orchestrate.CloudClient)."""
-
-    def __init__(self, denoiser: Denoiser):
-        self.denoiser = denoiser
-
-    async def denoise(
-        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.Handoff:
-        return cloud_denoise(self.denoiser, request, "local", None)
-
-
 class FullHandoffEdge:
-    """An edge client that does not tell the cloud its profile, so handoffs to it are full."""
+    """An edge client that tells the cloud no text encoders it has, so handoffs to it are full."""
 
     def __init__(self, edge: GrpcEdgeClient):
         self.edge = edge
 
-    async def profile(self, deadline: float | None) -> None:
-        return None
+    async def describe(self, deadline: float | None = None) -> EdgeProfile:
+        return dataclasses.replace(await self.edge.describe(deadline), text_encoder_id="")
 
-    async def refine(
-        self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.ImageResult:
-        return await self.edge.refine(request, deadline, on_progress)
+    async def refine(self, start, output, deadline=None, on_progress=None) -> EdgeResult:
+        return await self.edge.refine(start, output, deadline, on_progress)
 
 
 async def grpc_edge_client(target: str) -> GrpcEdgeClient:

@@ -21,7 +21,7 @@ from hybrid_sd.lowbit.storage import save_quantized_unet
 from hybrid_sd.pairs import load_pair, load_unet, preset
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.state import HybridState
+from hybrid_sd.wire import state_from_payload, state_payload
 from tests.conftest import load_reference
 from tests.reference import reference_run
 
@@ -147,8 +147,8 @@ def test_the_quantized_edge_half_is_deterministic(bundles):
     request = HybridPipeline(pair).check_inputs(
         GenerationRequest("a large green diamond", switch_step=2, num_inference_steps=6, seed=9)
     )
-    handoff = pair.cloud.denoise(pair.cloud.begin(request), 2).to_bytes()
-    first, second = (pair.edge.denoise(HybridState.from_bytes(handoff), 6).latents for _ in range(2))
+    handoff = state_payload(pair.cloud.denoise(pair.cloud.begin(request), 2))
+    first, second = (pair.edge.denoise(state_from_payload(handoff), 6).latents for _ in range(2))
     assert torch.equal(first, second)
 
 

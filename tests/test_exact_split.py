@@ -11,7 +11,7 @@ from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.schedulers import loop_index
-from hybrid_sd.state import HybridState
+from hybrid_sd.wire import state_from_payload, state_payload
 from tests.conftest import load_reference
 from tests.reference import reference_run
 
@@ -34,7 +34,7 @@ def split_run(pair, request: GenerationRequest) -> tuple[torch.Tensor, int]:
     switch = loop_index(request.switch_step, STEPS, state.loop_length)
     state = first.denoise(state, switch) if request.switch_step else state
     fresh_edge = Denoiser(pair.edge.pipe, pair.edge.name, pair.edge.latent_space)
-    received = HybridState.from_bytes(for_edge(state, EdgeProfile.of(fresh_edge)).to_bytes())
+    received = state_from_payload(state_payload(for_edge(state, EdgeProfile.of(fresh_edge))))
     assert not received.conditioning.has_embeddings  # both sides of these pairs share text encoders
     return fresh_edge.denoise(received, received.loop_length).latents, switch
 
@@ -82,7 +82,7 @@ def test_edge_with_its_own_text_encoder_encodes_again(pairs, references, schedul
     )
     state = cloud.begin(request)
     state = cloud.denoise(state, 3)
-    latents = edge.denoise(HybridState.from_bytes(state.to_bytes()), STEPS).latents
+    latents = edge.denoise(state_from_payload(state_payload(state)), STEPS).latents
 
     positive, negative = other.encode_prompt(request.prompt, "cpu", 1, True, request.negative_prompt)
     edge_embeds = {"prompt_embeds": torch.cat([negative, positive])}

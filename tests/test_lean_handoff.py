@@ -12,15 +12,16 @@ from edge_worker.server import EdgeConfig, running_edge
 from hybrid_sd import orchestrate
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile, for_edge
+from hybrid_sd.halves import LocalCloud
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.results import CallOptions, OutputSpec
 from hybrid_sd.state import HybridState
 from hybrid_sd.tiny_models import build_tiny_pipeline
-from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-from hybrid_sd.wire import request_to_pb, tensor_from_pb
-from tests.serving import LocalCloud, LoopThread, free_port, grpc_edge_client
+from hybrid_sd.wire import state_from_payload, state_payload
+from tests.serving import LoopThread, free_port, grpc_edge_client
 
 PROMPT = "a large red circle above a small blue square"
 EMBEDDINGS = {"conditioning.prompt_embeds", "conditioning.negative_prompt_embeds"}
@@ -55,7 +56,7 @@ def test_edge_encodes_the_embeddings_the_cloud_leaves_out_bit_for_bit(pairs, own
     cloud, edge = pairs[family].cloud, own_edges[family]
     assert edge.text_encoder_id == cloud.text_encoder_id
     state = cloud.begin(cloud.resolve(GenerationRequest(PROMPT, negative, num_inference_steps=4, seed=3)))
-    received = HybridState.from_bytes(for_edge(state, EdgeProfile.of(edge)).to_bytes())
+    received = state_from_payload(state_payload(for_edge(state, EdgeProfile.of(edge))))
     assert not received.conditioning.has_embeddings
     own = edge.conditioned(received).conditioning.tensors()
     carried = state.conditioning.tensors()
@@ -85,8 +86,8 @@ def test_edge_with_other_encoders_encodes_a_lean_handoff_itself(pairs, other_enc
     edge = load_edge(other_encoders_spec)
     assert edge.text_encoder_id != cloud.text_encoder_id
     state = mid_run(cloud)
-    stale = HybridState.from_bytes(for_edge(state, EdgeProfile.of(cloud)).to_bytes())
-    full = HybridState.from_bytes(state.to_bytes())
+    stale = state_from_payload(state_payload(for_edge(state, EdgeProfile.of(cloud))))
+    full = state_from_payload(state_payload(state))
     assert torch.equal(edge.denoise(stale, 6).latents, edge.denoise(full, 6).latents)
 
 
@@ -101,10 +102,10 @@ def test_a_half_precision_edge_gets_latents_and_history_in_its_dtype(pairs, pair
     assert all(step.dtype == torch.int64 for step in lean.sampler_state["timestep_list"] if step is not None)
     assert torch.equal(lean.timesteps, state.timesteps)
     # A cast is deterministic: made by the cloud (lean) or by the edge on receipt (full), the same bits.
-    from_lean = edge.denoise(HybridState.from_bytes(lean.to_bytes()), 6).latents
-    from_full = edge.denoise(HybridState.from_bytes(state.to_bytes()), 6).latents
+    from_lean = edge.denoise(state_from_payload(state_payload(lean)), 6).latents
+    from_full = edge.denoise(state_from_payload(state_payload(state)), 6).latents
     assert from_lean.dtype == torch.float16 and torch.equal(from_lean, from_full)
-    assert len(lean.to_bytes()) < len(state.to_bytes())
+    assert len(state_payload(lean)) < len(state_payload(state))
 
 
 @pytest.mark.parametrize(
@@ -134,12 +135,11 @@ def test_gateway_learns_the_edge_profile_and_follows_a_restart(pairs, pair_specs
     edge = loop.run(grpc_edge_client(f"127.0.0.1:{port}"))
     cloud = LocalCloud(pairs["sd1"].cloud)
     request = GenerationRequest(PROMPT, "blurry", switch_step=3, num_inference_steps=6, seed=11, scheduler="dpm++2m")
-    message = request_to_pb(request)
-    message.output_format = pb.OUTPUT_FORMAT_LATENTS
+    latents_only = CallOptions(output=OutputSpec(decode=False))
 
     def served() -> tuple[int, torch.Tensor]:
-        response = loop.run(orchestrate.generate(message, cloud, edge), timeout=60)
-        return response.handoff_bytes, tensor_from_pb(response.latents, "latents")
+        result = loop.run(orchestrate.generate(request, cloud, edge, latents_only), timeout=60)
+        return result.handoff_bytes, result.latents
 
     try:
         _, leave = loop.enter(running_edge(EdgeConfig(pair_specs["sd1"], port=port)))

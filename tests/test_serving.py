@@ -22,9 +22,10 @@ from edge_worker.server import EdgeConfig, running_edge
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import request_to_pb, tensor_from_pb, tensor_to_pb
+from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
 from tests.serving import LoopThread, channel, free_port
 
 STEPS = 6
@@ -40,9 +41,10 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def cluster(loop, pair_specs):
-    """Edge worker and gateway, each pointing at the other."""
-    spec = pair_specs["sd1"]
+def cluster(loop, other_defaults_spec):
+    """Edge worker and gateway, each pointing at the other, serving a pair whose edge resolves sizes and
+    schedulers otherwise than its cloud would."""
+    spec = other_defaults_spec
     gateway_port = free_port()
     edge, leave_edge = loop.enter(
         running_edge(EdgeConfig(spec, "tiny-sd1", port=0, cloud=f"127.0.0.1:{gateway_port}", limits=LONG_RUNS))
@@ -60,8 +62,8 @@ def cluster(loop, pair_specs):
 
 
 @pytest.fixture(scope="module")
-def engine(pairs):
-    return HybridPipeline(pairs["sd1"])
+def engine(other_defaults_spec):
+    return HybridPipeline.from_pair(other_defaults_spec)
 
 
 def generate(port: int, timeout: float = 120, **fields) -> pb.GenerateResponse:
@@ -105,7 +107,7 @@ def test_image_response_and_stream(cluster):
         include_latents=True,
     )
     assert response.mime_type == "image/png" and response.image.startswith(b"\x89PNG")
-    assert response.latents.shape == [1, 4, 8, 8]
+    assert response.latents.shape == [1, 4, 4, 4]  # the edge's 32 px
     assert response.timings.total >= response.timings.cloud_denoise > 0
 
 
@@ -113,7 +115,8 @@ def test_image_response_and_stream(cluster):
 def test_stream_reports_every_unet_evaluation(cluster, entry):
     events = list(
         pb_grpc.HybridDiffusionStub(channel(cluster[entry])).GenerateStream(
-            pb.GenerateRequest(prompt="a circle", num_inference_steps=4, switch_step=2, seed=1), timeout=60
+            pb.GenerateRequest(prompt="a circle", num_inference_steps=4, switch_step=2, seed=1, scheduler="pndm"),
+            timeout=60,
         )
     )
     progress = [(event.progress.stage, event.progress.step, event.progress.total) for event in events[:-1]]
@@ -153,7 +156,10 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
         (dict(seed=2**63), "seed must be in"),
         (dict(pair="sdxl-vega"), "pair 'sdxl-vega' is not served here"),
-        (dict(num_inference_steps=1000, switch_step=0), "num_inference_steps 1000 is too many for PNDMScheduler"),
+        (
+            dict(num_inference_steps=1000, switch_step=0, scheduler="pndm"),
+            "num_inference_steps 1000 is too many for PNDMScheduler",
+        ),
         (dict(prompt="x" * 5000), "prompt is 5000 bytes; this server takes at most 4096"),
         (dict(prompt="a " * 600), "prompt is 600 tokens; this server takes at most 512"),
         (dict(width=4096, height=2048), "width x height 4096x2048 = 8388608 pixels is over"),
@@ -168,6 +174,42 @@ def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
     assert generate(cluster[entry], **base).switch_step == 3  # and the server serves the next one
+
+
+def test_defaults_resolve_alike_on_every_path(loop, cluster, engine, other_defaults_spec):
+    """A request naming no size or scheduler gets the edge model's (32 px, Euler; the cloud's are 64 px,
+    PLMS) in-process, through the gateway, edge-initiated, and when the edge falls back alone."""
+    fields = dict(prompt="a circle", num_inference_steps=STEPS, switch_step=3, seed=21)
+    expected = engine(GenerationRequest(**fields))
+    assert (expected.request.width, expected.request.scheduler) == (32, "EulerDiscreteScheduler")
+    for entry in ("gateway", "edge"):
+        response = generate(cluster[entry], **fields)
+        assert (response.width, response.height, response.scheduler) == (32, 32, "EulerDiscreteScheduler")
+        assert torch.equal(tensor_from_pb(response.latents, "latents"), expected.latents)
+    unreachable = EdgeConfig(other_defaults_spec, port=0, cloud=f"127.0.0.1:{free_port()}")
+    edge, leave = loop.enter(running_edge(unreachable))
+    try:
+        response = generate(edge.port, allow_edge_fallback=True, **fields)
+    finally:
+        leave()
+    assert response.edge_fallback and (response.width, response.scheduler) == (32, "EulerDiscreteScheduler")
+    edge_only = engine(GenerationRequest(**{**fields, "switch_step": 0}))
+    assert torch.equal(tensor_from_pb(response.latents, "latents"), edge_only.latents)
+
+
+def test_in_process_and_served_report_alike(cluster, engine):
+    """One stage vocabulary and one handoff size: what the in-process engine reports, a served
+    response reports for the same request."""
+    fields = dict(prompt="a red square", num_inference_steps=STEPS, switch_step=3, seed=8, scheduler="dpm++2m")
+    in_process_result = engine(GenerationRequest(**fields))
+    for entry in ("gateway", "edge"):
+        served = result_from_pb(generate(cluster[entry], **fields), GenerationRequest(**fields))
+        assert list(served.timings) == list(in_process_result.timings) == list(STAGES)
+        assert served.handoff_bytes == in_process_result.handoff_bytes > 0
+        for timings in (served.timings, in_process_result.timings):
+            computed = ("encode_prompt", "cloud_denoise", "handoff_encode", "handoff_decode", "edge_denoise")
+            assert all(timings[stage] > 0 for stage in computed), timings
+            assert sum(v for stage, v in timings.items() if stage != "total") <= timings["total"] + 1e-6
 
 
 HANDOFF_FIELDS = dict(prompt="a red square", switch_step=3, num_inference_steps=STEPS, seed=4, scheduler="dpm++2m")
@@ -189,8 +231,7 @@ def test_served_handoffs_are_lean(cluster, engine):
     for entry in ("gateway", "edge"):
         response = generate(cluster[entry], **HANDOFF_FIELDS)
         assert response.handoff_bytes < full.ByteSize() - embeddings
-        # The in-process engine measures the safetensors form; the wire adds names of its own.
-        assert abs(response.handoff_bytes - in_process) < 0.1 * in_process
+        assert response.handoff_bytes == in_process  # one measure of the handoff, on every path
 
 
 def corrupt(handoff: pb.Handoff, how: str) -> pb.Handoff:

@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import edge_worker.server
 from edge_worker.server import EdgeConfig, running_edge
-from hybrid_sd.rpc import CHANNEL_OPTIONS, Security
+from hybrid_sd.credentials import Security
+from hybrid_sd.limits import CHANNEL_OPTIONS
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from tests.serving import LoopThread, channel, free_port

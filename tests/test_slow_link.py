@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from hybrid_sd import orchestrate
+from hybrid_sd.halves import LocalCloud
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-from hybrid_sd.wire import request_to_pb, tensor_from_pb
-from tests.serving import FullHandoffEdge, LocalCloud, LoopThread, grpc_edge_client, serve_edge_in, stop
+from hybrid_sd.results import CallOptions, GenerationResult, OutputSpec
+from tests.serving import FullHandoffEdge, LoopThread, grpc_edge_client, serve_edge_in, stop
 from tests.shaped_link import BURST_BYTES, shaped_link, unavailable_reason
 from tests.wide_text_pair import save_wide_text_pipeline
 
@@ -66,18 +66,17 @@ def test_lean_handoff_is_faster_over_a_shaped_link(edge_target, wide_model):
         request = GenerationRequest(
             "a large red circle above a small blue square", switch_step=3, num_inference_steps=6, seed=5
         )
-        message = request_to_pb(request)
-        message.output_format = pb.OUTPUT_FORMAT_LATENTS
-        runs: dict[str, list[pb.GenerateResponse]] = {"full": [], "lean": []}
+        latents_only = CallOptions(output=OutputSpec(decode=False))
+        runs: dict[str, list[GenerationResult]] = {"full": [], "lean": []}
         for repeat in range(REPEATS + 1):  # the first round warms both sides up
             for mode in ("full", "lean") if repeat % 2 == 0 else ("lean", "full"):
-                response = loop.run(orchestrate.generate(message, cloud, edges[mode]), timeout=120)
-                runs[mode] += [response] if repeat else []
+                result = loop.run(orchestrate.generate(request, cloud, edges[mode], latents_only), timeout=120)
+                runs[mode] += [result] if repeat else []
     finally:
         loop.close()
 
     def median(mode: str, field: str) -> float:
-        return statistics.median(getattr(response.timings, field) for response in runs[mode])
+        return statistics.median(result.timings[field] for result in runs[mode])
 
     timings = {f"{mode}_{field}_s": median(mode, field) for mode in runs for field in ("handoff_transfer", "total")}
     logger.info("medians over the %s Mbit/s link: %s", RATE_MBIT, timings)
@@ -88,5 +87,5 @@ def test_lean_handoff_is_faster_over_a_shaped_link(edge_target, wide_model):
     assert timings["full_handoff_transfer_s"] >= least, timings
     assert timings["lean_handoff_transfer_s"] < timings["full_handoff_transfer_s"] / 2, timings
     # The edge's own encoding (another process) is bit for bit the embeddings left out.
-    latents = [tensor_from_pb(response.latents, "latents") for response in runs["full"] + runs["lean"]]
+    latents = [result.latents for result in runs["full"] + runs["lean"]]
     assert all(torch.equal(latents[0], other) for other in latents[1:])

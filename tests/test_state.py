@@ -13,6 +13,8 @@ from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.state import HybridState
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.wire import state_from_payload, state_payload
 
 
 def mid_run_state(pair, scheduler: str, steps: int = 6, switch: int = 3) -> HybridState:
@@ -42,7 +44,7 @@ def assert_same(a, b):
 def test_round_trip_is_exact(pairs, family, scheduler):
     state = mid_run_state(pairs[family], scheduler)
     assert state.sampler_state, "a mid-run scheduler has state to carry"
-    received = HybridState.from_bytes(state.to_bytes())
+    received = state_from_payload(state_payload(state))
     assert received.request == state.request
     assert received.scheduler_config == json.loads(json.dumps(state.scheduler_config))
     assert (received.step_index, received.latent_space, received.vae_scaling_factor) == (
@@ -70,29 +72,28 @@ def test_multistep_history_is_carried(pairs):
     assert plms.sampler_state["counter"] == 3 and len(plms.sampler_state["ets"]) == 2
 
 
-def test_wire_format_is_safetensors_with_json_metadata(pairs):
-    payload = mid_run_state(pairs["sd1"], "euler-a").to_bytes()
-    header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
-    document = json.loads(header["__metadata__"]["hybrid_sd"])
-    assert document["format"] == "hybrid-sd.state/1"
+def test_wire_format_is_a_handoff_message_of_json_and_raw_tensors(pairs):
+    payload = state_payload(mid_run_state(pairs["sd1"], "euler-a"))
+    message = pb.Handoff.FromString(payload)
+    document = json.loads(message.state_json)
+    assert message.format == document["format"] == "hybrid-sd.state/1"
     assert document["latent_space"] == "sd1"
-    assert {"latents", "timesteps", "generator_state", "conditioning.prompt_embeds"} <= set(header)
-    assert header["latents"]["dtype"] == "F32" and header["latents"]["shape"] == [1, 4, 8, 8]
-    assert b"\x80\x04" not in payload[:16]  # not a pickle
+    assert {"latents", "timesteps", "generator_state", "conditioning.prompt_embeds"} <= set(message.tensors)
+    latents = message.tensors["latents"]
+    assert latents.dtype == "float32" and list(latents.shape) == [1, 4, 8, 8] and len(latents.data) == 4 * 4 * 8 * 8
+    assert b"\x80\x04" not in payload  # not a pickle
 
 
-@pytest.mark.parametrize("payload", [b"", b"not a state", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "])
+@pytest.mark.parametrize("payload", [b"\xff\xff", b"not a state", pb.Handoff(state_json="{").SerializeToString()])
 def test_malformed_handoff_is_a_value_error(payload):
     with pytest.raises(ValueError, match="handoff"):
-        HybridState.from_bytes(payload)
+        state_from_payload(payload)
 
 
-def test_wrong_format_version_is_refused(pairs):
-    from safetensors.torch import save
-
-    payload = save({"latents": torch.zeros(1)}, metadata={"hybrid_sd": json.dumps({"format": "other/9"})})
+def test_wrong_format_version_is_refused():
+    payload = pb.Handoff(format="other/9", state_json=json.dumps({"format": "other/9"})).SerializeToString()
     with pytest.raises(ValueError, match="handoff format must be 'hybrid-sd.state/1'"):
-        HybridState.from_bytes(payload)
+        state_from_payload(payload)
 
 
 def test_state_that_cannot_travel_exactly_is_refused():

@@ -23,7 +23,7 @@ from hybrid_sd.request import GenerationRequest
 from hybrid_sd.shapes.adherence import score_batch
 from hybrid_sd.shapes.dataset import Scene, ShapesDataset, caption, render
 from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
-from hybrid_sd.sweep import SweepConfig, in_process_runner, run_sweep
+from hybrid_sd.sweep import SweepConfig, run_sweep
 
 HELDOUT_SEED = 2000  # scenes seen neither in training (seed 0) nor by the feature net's held-out set (1000)
 ATTRIBUTES = ("count", "color", "shape", "size", "relation", "overall")
@@ -136,7 +136,7 @@ def evaluate(
         guidance_scale=guidance_scale,
         out=sweep_dir,
     )
-    summary = run_sweep(config, in_process_runner(pipeline))
+    summary = run_sweep(config, pipeline)
     with open(config.out / "results.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     per_k = {}

@@ -1,5 +1,5 @@
-"""gRPC plumbing shared by the gateway and the edge worker: servers with health, reflection, auth
-and error mapping; channels and the remote cloud and edge clients."""
+"""gRPC server plumbing shared by the gateway and the edge worker: servers with health, reflection,
+auth and error mapping (docs/design.md, "Error semantics")."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import contextlib
 import hmac
 import inspect
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hybrid_sd.credentials import check_certificate, check_token
+from hybrid_sd.credentials import Security
 from hybrid_sd.errors import (
     CloudUnavailableError,
     DeadlineExceededError,
@@ -28,80 +26,23 @@ from hybrid_sd.errors import (
     QueueFullError,
     RunCancelledError,
 )
-from hybrid_sd.limits import MAX_MESSAGE_BYTES
+from hybrid_sd.limits import CHANNEL_OPTIONS
 from hybrid_sd.ports import check_can_listen
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-
-ProgressCallback = Callable[[pb.Progress], None]
 
 logger = logging.getLogger(__name__)
 
 HYBRID_DIFFUSION = pb.DESCRIPTOR.services_by_name["HybridDiffusion"].full_name
 CLOUD_DENOISER = pb.DESCRIPTOR.services_by_name["CloudDenoiser"].full_name
 EDGE_REFINER = pb.DESCRIPTOR.services_by_name["EdgeRefiner"].full_name
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 # Probes and tooling must work without a token (compose healthchecks, grpcurl list).
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-@dataclass(frozen=True)
-class Security:
-    """Bearer-token auth and TLS (with a client CA: mutual TLS); all off by default.
-
-    ``tls_ca`` verifies the servers this one calls (gateway and edge call each other); when set,
-    those calls present ``tls_cert``/``tls_key`` as the client certificate.
-    """
-
-    token: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    tls_ca: Path | None = None
-
-    @classmethod
-    def from_env(cls) -> Security:
-        def path(name: str) -> Path | None:
-            return Path(os.environ[name]) if os.environ.get(name) else None
-
-        return cls(
-            token=os.environ.get("HYBRID_SD_TOKEN") or None,
-            tls_cert=path("HYBRID_SD_TLS_CERT"),
-            tls_key=path("HYBRID_SD_TLS_KEY"),
-            tls_client_ca=path("HYBRID_SD_TLS_CLIENT_CA"),
-            tls_ca=path("HYBRID_SD_TLS_CA"),
-        )
-
-    def check(self) -> None:
-        check_token(self.token)
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name} {str(path)!r} is not a file")
-        check_certificate("tls_cert", self.tls_cert, self.tls_key)
-        check_certificate("tls_client_ca", self.tls_client_ca)
-        check_certificate("tls_ca", self.tls_ca)
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        if self.tls_cert is None:
-            return None
-        client_ca = self.tls_client_ca.read_bytes() if self.tls_client_ca else None
-        return grpc.ssl_server_credentials(
-            [(self.tls_key.read_bytes(), self.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-
-    def peer_channel(self, target: str) -> grpc.aio.Channel:
-        """A channel to another hybrid-sd server, with this server's TLS identity when TLS is on."""
-        return open_channel(target, self.tls_ca, self.tls_cert, self.tls_key)
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """A call's deadline on the wall clock; None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + remaining
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -294,117 +235,3 @@ async def start_server(
     running = RunningServer(server, bound, health_servicer, service_names)
     await running.set_serving(False)
     return running
-
-
-def open_channel(
-    target: str, tls_ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None
-) -> grpc.aio.Channel:
-    if tls_ca is None:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    check_certificate("tls_ca", tls_ca)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=tls_ca.read_bytes(),
-        private_key=client_key.read_bytes() if client_key else None,
-        certificate_chain=client_cert.read_bytes() if client_cert else None,
-    )
-    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-
-
-def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def seconds_left(deadline: float | None) -> float | None:
-    """Time to a wall-clock deadline; raises DeadlineExceededError once it has passed."""
-    if deadline is None:
-        return None
-    left = deadline - time.time()
-    if left <= 0:
-        raise DeadlineExceededError("deadline exceeded")
-    return left
-
-
-class GrpcCloudClient:
-    """Steps [0, k) on a remote gateway's CloudDenoiser."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
-        self._stub = pb_grpc.CloudDenoiserStub(channel)
-        self._metadata = call_metadata(token)
-
-    async def denoise(
-        self, request: pb.DenoiseRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.Handoff:
-        with _peer_errors("cloud"):
-            stub = self._stub
-            return await _reporting_call(
-                stub.Denoise, stub.DenoiseStream, request, deadline, self._metadata, on_progress, "handoff"
-            )
-
-
-# How long a gateway waits for an edge's profile before it sends a full handoff instead.
-PROFILE_TIMEOUT_S = 5.0
-
-
-class GrpcEdgeClient:
-    """Steps [k, N) and the decode on a remote edge worker's EdgeRefiner. It remembers the worker's
-    profile for lean handoffs: asked for with Describe when unknown, then taken from each result, so
-    a worker restarted with other models is seen at its first answer."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
-        self._stub = pb_grpc.EdgeRefinerStub(channel)
-        self._metadata = call_metadata(token)
-        self._profile: pb.EdgeProfile | None = None
-
-    async def profile(self, deadline: float | None) -> pb.EdgeProfile | None:
-        """The worker's profile as of its last answer, else asked for; None if it cannot say now."""
-        if self._profile is None:
-            timeout = PROFILE_TIMEOUT_S
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - time.time()))
-            try:
-                describe = self._stub.Describe(pb.DescribeRequest(), timeout=timeout, metadata=self._metadata)
-                self._profile = await describe
-            except grpc.aio.AioRpcError as error:
-                logger.warning("no edge profile (%s: %s): sending a full handoff", error.code().name, error.details())
-        return self._profile
-
-    async def refine(
-        self, request: pb.RefineRequest, deadline: float | None, on_progress: ProgressCallback | None = None
-    ) -> pb.ImageResult:
-        try:
-            with _peer_errors("edge"):
-                stub = self._stub
-                result = await _reporting_call(
-                    stub.Refine, stub.RefineStream, request, deadline, self._metadata, on_progress, "result"
-                )
-        except Exception:
-            self._profile = None  # the worker may be restarting, perhaps with other models: ask again
-            raise
-        self._profile = result.edge_profile if result.HasField("edge_profile") else None
-        return result
-
-
-async def _reporting_call(unary, streaming, message, deadline, metadata, on_progress, final_field: str):
-    """The unary call, or, to report progress, its streaming twin: hand each progress event to
-    ``on_progress`` and return the final message."""
-    if on_progress is None:
-        return await unary(message, timeout=seconds_left(deadline), metadata=metadata)
-    async for event in streaming(message, timeout=seconds_left(deadline), metadata=metadata):
-        if event.HasField(final_field):
-            return getattr(event, final_field)
-        on_progress(event.progress)
-    raise RuntimeError(f"the stream ended without its {final_field}")
-
-
-@contextlib.contextmanager
-def _peer_errors(peer: str):
-    """A peer's DEADLINE_EXCEEDED, and an unreachable cloud, as library errors (which decide a
-    fallback); any other status passes through unchanged."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise DeadlineExceededError(f"{peer}: {error.details()}") from error
-        if error.code() == grpc.StatusCode.UNAVAILABLE and peer == "cloud":
-            raise CloudUnavailableError(f"cloud unreachable: {error.details()}") from error
-        raise
