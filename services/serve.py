@@ -7,13 +7,18 @@ import asyncio
 import shlex
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from hybrid_sd.cli.arguments import check_local_models, pair_spec, quiet_libraries
 from hybrid_sd.limits import limits_from_args
 from hybrid_sd.ports import check_can_listen, check_port
+from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
+
+if TYPE_CHECKING:
+    from hybrid_sd.rpc import Security
 
 
-def _security(args: argparse.Namespace):
+def _security(args: argparse.Namespace) -> Security:
     from hybrid_sd.rpc import Security
 
     security = Security(args.token, args.tls_cert, args.tls_key, args.tls_client_ca, args.tls_ca)
@@ -44,9 +49,8 @@ def _positive(flag: str, value: int | None) -> int | None:
     return value
 
 
-def _pair(args: argparse.Namespace):
-    from hybrid_sd.presets import DEFAULT_PAIR
-
+def _pair(args: argparse.Namespace) -> tuple[str, PairSpec]:
+    """The pair's name as the servers report it, and its models."""
     name = args.pair or (DEFAULT_PAIR if not args.cloud_model else "custom")
     return name, pair_spec(args)
 

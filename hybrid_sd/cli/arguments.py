@@ -40,7 +40,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
-def add_client_security_arguments(parser) -> None:
+def add_client_security_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--token", default=env_value("HYBRID_SD_TOKEN"), help="bearer token ($HYBRID_SD_TOKEN)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify a TLS server with")
 
