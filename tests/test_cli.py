@@ -1,4 +1,5 @@
-"""``hybrid-sd generate``: files written, the JSON it prints, and errors for bad input."""
+"""``hybrid-sd generate``: files written, the JSON it prints, and errors for bad input; ``--help`` of every command
+answers without loading a model library."""
 
 from __future__ import annotations
 
