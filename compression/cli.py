@@ -17,13 +17,13 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from hybrid_sd.cli.arguments import add_model_arguments, local_pair_spec, named_pair, read_prompts
+
 logger = logging.getLogger(__name__)
 
 
 def add_compress_command(commands: argparse._SubParsersAction) -> None:
     """Add ``compress`` and its actions to the ``hybrid-sd`` subcommands."""
-    from hybrid_sd.cli import add_model_arguments
-
     compress = commands.add_parser("compress", help="turn a model into a smaller, faster edge bundle")
     actions = compress.add_subparsers(dest="action", required=True)
 
@@ -93,37 +93,6 @@ def _add_sampling(parser: argparse.ArgumentParser, prompts_help: str, rows: int 
         parser.add_argument("--calibration-rows", type=int, default=rows, help="UNet inputs, spread over the steps")
 
 
-def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
-    """A prompt file, one a line; ``shapes:N``, the first N held-out captions of the shapes pair (what
-    ``evaluate-shapes`` measures on); or ``shapes-train:N``, N captions of its training scenes."""
-    if value is None:
-        raise ValueError(f"{flag} is required for this action")
-    source, _, count = value.partition(":")
-    if source in SHAPES_PROMPTS:
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{flag}: {source}:N needs a positive N, got {value!r}")
-        return SHAPES_PROMPTS[source](int(count))
-    from hybrid_sd.user_files import read_prompt_file
-
-    return read_prompt_file(Path(value), flag)
-
-
-def _heldout_captions(count: int) -> list[str]:
-    from hybrid_sd.shapes.evaluate import heldout_captions
-
-    return heldout_captions(count)
-
-
-def _training_captions(count: int) -> list[str]:
-    from hybrid_sd.shapes.dataset import ShapesDataset, caption
-
-    dataset = ShapesDataset(count)
-    return [caption(dataset.scene(index)) for index in range(count)]
-
-
-SHAPES_PROMPTS = {"shapes": _heldout_captions, "shapes-train": _training_captions}
-
-
 class _Context:
     """The pair the command line names, loaded once, and the bundle an action starts from."""
 
@@ -131,7 +100,6 @@ class _Context:
         import torch
 
         from hybrid_sd.bundle import check_out, read_bundle
-        from hybrid_sd.cli import local_pair_spec
         from hybrid_sd.pairs import load_pair
 
         self.args = args
@@ -255,8 +223,6 @@ def run_distill(args: argparse.Namespace) -> None:
     if args.teacher == "cloud":
         teacher = context.pair.cloud.pipe.unet.float()
     else:  # the pair's own edge UNet; the loaded pair's edge is the bundle's
-        from hybrid_sd.cli import named_pair
-
         teacher = load_unet(named_pair(args).edge, torch.float32)
     student = context.pair.edge.pipe.unet.float().train()
     data = context.trajectories(teacher, prompts)
@@ -345,7 +311,6 @@ def run_export(args: argparse.Namespace) -> None:
     import torch
 
     from compression.card import carried_card, measure_quality
-    from hybrid_sd.cli import named_pair
     from hybrid_sd.pairs import load_pair
     from hybrid_sd.pipeline import HybridPipeline
     from hybrid_sd.shapes.evaluate import HeldoutSet

@@ -169,12 +169,12 @@ def test_verbose_keeps_the_traceback(tmp_path):
 
 
 def test_an_unexpected_error_still_shows_its_traceback(monkeypatch):
-    import hybrid_sd.cli_serve
+    import hybrid_sd.cli.health
 
     def broken(args) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(hybrid_sd.cli_serve, "run_health", broken)
+    monkeypatch.setattr(hybrid_sd.cli.health, "run_health", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["health", "127.0.0.1:1"])
 

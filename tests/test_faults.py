@@ -23,10 +23,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.supervisor import session_processes
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import tensor_from_pb
+from services.supervisor import session_processes
 from tests.serving import channel, free_port
 from tests.test_cli_serving import CLI
 

@@ -10,7 +10,7 @@ from collections import Counter
 import PIL.Image
 import pytest
 
-from hybrid_sd.cli_sweep import add_sweep_command
+from hybrid_sd.cli.sweep import add_sweep_command
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.sweep import COLUMNS, SweepConfig, in_process_runner, run_sweep
 

@@ -7,11 +7,12 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from hybrid_sd.cli.arguments import quiet_libraries
+from hybrid_sd.shapes.train_config import TrainConfig  # data only: the shapes package brings numpy, not torch
+
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train-shapes`` and ``evaluate-shapes`` to the ``hybrid-sd`` subcommands."""
-    from hybrid_sd.shapes.train_config import TrainConfig
-
     train = commands.add_parser("train-shapes", help="train the shapes pair (seeded, CPU), evaluate it, write its card")
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
@@ -31,7 +32,6 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from hybrid_sd.shapes.train_config import TrainConfig
     from hybrid_sd.user_files import output_folder
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
@@ -51,7 +51,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(pair: Path, args: argparse.Namespace) -> None:
-    from hybrid_sd.cli import quiet_libraries
     from hybrid_sd.shapes.evaluate import evaluate
     from hybrid_sd.shapes.model_card import write_model_card
 

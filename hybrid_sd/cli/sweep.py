@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hybrid_sd.cli.arguments import add_client_security_arguments, add_model_arguments, local_pair_spec, read_prompts
+
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     """Add ``sweep`` to the ``hybrid-sd`` subcommands."""
-    # Imported here, as cli_serve does: hybrid_sd.cli imports this module while it builds its parser.
-    from hybrid_sd.cli import add_client_security_arguments, add_model_arguments
-
     sweep = commands.add_parser("sweep", help="generate every (prompt, seed, switch step) and report quality and cost")
     sweep.add_argument(
         "--switch-steps",
         required=True,
         help="comma-separated switch steps, e.g. 0,2,4 (k = --steps, the large model alone, is always added)",
     )
-    sweep.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per non-empty line")
+    sweep.add_argument(
+        "--prompts",
+        required=True,
+        help="text file, one prompt per non-empty line; or shapes:N, shapes-train:N: captions of the shapes pair",
+    )
     sweep.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
     sweep.add_argument("--steps", type=int, default=25, help="denoising steps in all (default: 25)")
     sweep.add_argument("--scheduler", help="scheduler class name or alias (default: the cloud model's own)")
@@ -41,12 +44,11 @@ def parse_int_list(flag: str, text: str) -> list[int]:
 
 def run_sweep_command(args: argparse.Namespace) -> None:
     """Validate the grid, build the runner, sweep, and print where the report is and a per-k table."""
-    from hybrid_sd.cli import local_pair_spec
-    from hybrid_sd.user_files import output_folder, read_prompt_file
+    from hybrid_sd.user_files import output_folder
 
     switch_steps = parse_int_list("--switch-steps", args.switch_steps)
     seeds = parse_int_list("--seeds", args.seeds)
-    prompts = read_prompt_file(args.prompts)
+    prompts = read_prompts(args.prompts)
     output_folder(args.out)
     # Heavy imports here, after the files are checked: building the parser stays fast, and a mistake is told at once.
     from hybrid_sd.sweep import SweepConfig, in_process_runner, remote_runner, run_sweep

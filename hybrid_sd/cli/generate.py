@@ -1,0 +1,127 @@
+"""``hybrid-sd generate``: one image, in this process or by a gRPC call to a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hybrid_sd.cli.arguments import add_client_security_arguments, add_model_arguments, local_pair_spec
+from hybrid_sd.request import GenerationRequest
+from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
+
+if TYPE_CHECKING:
+    from hybrid_sd.pipeline import GenerationResult
+
+
+def add_generate_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``generate`` to the ``hybrid-sd`` subcommands."""
+    generate = commands.add_parser("generate", help="generate one image, switching models at --switch-step")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--switch-step", type=int, help="cloud steps before the handoff (default: 40%% of --steps)")
+    generate.add_argument("--steps", type=int, default=25, help="denoising steps in all (default: 25)")
+    generate.add_argument("--seed", type=int, help="random seed (default: a random one, reported in --json)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    generate.add_argument("--guidance-rescale", type=float, default=0.0)
+    generate.add_argument("--width", type=int, help="default: the cloud model's native size")
+    generate.add_argument("--height", type=int, help="default: the cloud model's native size")
+    generate.add_argument(
+        "--scheduler",
+        help=f"a diffusers scheduler class name or an alias ({', '.join(SCHEDULER_ALIASES)});"
+        " default: the cloud model's own",
+    )
+    add_model_arguments(generate)
+    generate.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg or .webp)")
+    generate.add_argument("--latents-out", type=Path, help="write the final latents (key 'latents') here")
+    generate.add_argument("--json", action="store_true", help="print one JSON object with seed, timings, counts")
+    remote = generate.add_argument_group("remote (with --target: a gRPC call to a gateway or an edge worker)")
+    remote.add_argument("--target", help="HOST:PORT of a hybrid-sd server; without it, generate in-process")
+    remote.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    remote.add_argument("--allow-edge-fallback", action="store_true", help="let the edge finish alone if needed")
+    add_client_security_arguments(remote)
+    generate.set_defaults(handler=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        switch_step=args.switch_step,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    request.check()  # before loading any model: bad input fails fast
+    from hybrid_sd.user_files import output_file, output_format_for
+
+    output_format = output_format_for(args.out)  # a bad suffix or an unwritable path fails now, not after the work
+    output_file(args.out)
+    if args.latents_out is not None:
+        output_file(args.latents_out, "--latents-out")
+    if args.target:
+        run_remote_generate(args, request)
+        return
+    spec = local_pair_spec(args)
+    import torch
+    from tqdm import tqdm
+
+    from hybrid_sd.pipeline import HybridPipeline
+
+    pipeline = HybridPipeline.from_pair(spec, args.device or "cpu", getattr(torch, args.dtype))
+    with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
+
+        def show_progress(step: dict) -> None:
+            bar.total = step["total"]
+            bar.update()
+
+        result = pipeline(request, callback=show_progress)
+    write_outputs(result, args.out, output_format, args.latents_out)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"wrote {args.out} (seed {result.request.seed}, switch step {result.request.switch_step})")
+
+
+def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) -> None:
+    import asyncio
+
+    from hybrid_sd.client import generate_remote, latents_of, response_summary
+    from hybrid_sd.wire import request_to_pb
+
+    message = request_to_pb(request)
+    message.allow_edge_fallback = args.allow_edge_fallback
+    message.include_latents = args.latents_out is not None
+    if args.pair:
+        message.pair = args.pair
+    response = asyncio.run(generate_remote(args.target, message, args.out, args.token, args.tls_ca, args.timeout))
+    if args.latents_out is not None:
+        save_latents(latents_of(response), args.latents_out)
+    if args.json:
+        print(json.dumps(response_summary(response)))
+    else:
+        print(f"wrote {args.out} (seed {response.seed}, switch step {response.switch_step})")
+
+
+def write_outputs(result: GenerationResult, image_path: Path, output_format: int, latents_path: Path | None) -> None:
+    """The image in the format its suffix names (as the served path writes it), and the latents if asked."""
+    from hybrid_sd.wire import encode_image
+
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    image_path.write_bytes(encode_image(result.image, output_format)[0])
+    if latents_path is not None:
+        save_latents(result.latents, latents_path)
+
+
+def save_latents(latents, path: Path) -> None:
+    """``--latents-out``: the final latents as safetensors, key ``latents``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.detach().cpu().contiguous()}, str(path))

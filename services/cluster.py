@@ -1,0 +1,111 @@
+"""``hybrid-sd cluster up``: the embedded topology as supervised processes on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+import sys
+import time
+
+from hybrid_sd.cli.arguments import local_pair_spec
+from hybrid_sd.cli.health import check_health
+from hybrid_sd.limits import RequestLimits, limits_from_args
+from hybrid_sd.ports import check_can_listen
+from services.serve import interrupt
+from services.supervisor import Child, Supervisor
+
+
+def run_cluster_up(args: argparse.Namespace) -> None:
+    """The embedded topology as processes on loopback: an edge worker, and a gateway that starts
+    Ray locally with the denoiser deployment. The edge can reach the gateway too."""
+    if not 1 <= args.port < 65535:
+        raise ValueError(f"--port must be in [1, 65534] (the edge worker takes the next one), got {args.port}")
+    for port, service in ((args.port, "gateway"), (args.port + 1, "edge worker")):
+        check_can_listen("127.0.0.1", port, service, "choose another --port (the edge worker takes the next one)")
+    local_pair_spec(args)  # both servers load their models here: check them before starting either
+    gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
+    common = _model_flags(args) + _limit_flags(limits_from_args(args))
+    if args.torch_threads:
+        common += ["--torch-threads", str(args.torch_threads)]
+    base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
+    edge_command = [*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]
+    gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
+    supervisor = Supervisor(
+        [Child("edge worker", edge_command), Child("gateway", [*gateway_command, "--replicas", str(args.replicas)])]
+    )
+    signal.signal(signal.SIGTERM, interrupt)
+    supervisor.start()
+    try:
+        for target in (edge, gateway):
+            _wait_until_serving(target, supervisor)
+        print(f"cluster up: gateway {gateway}, edge {edge} (both serve HybridDiffusion)", flush=True)
+        if args.generate is not None:
+            _generate_once(gateway, args)
+            return
+        while True:  # until Ctrl-C or SIGTERM; a child that exits is restarted
+            supervisor.poll()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()
+
+
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    """The model arguments of ``cluster up``, for the serve commands it starts."""
+    flags = []
+    for name in (
+        "pair",
+        "cloud_model",
+        "edge_model",
+        "edge_vae",
+        "edge_vae_latent_space",
+        "edge_bundle",
+        "device",
+        "dtype",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    if args.edge_shares_text_encoder:
+        flags.append("--edge-shares-text-encoder")
+    return flags
+
+
+def _limit_flags(limits: RequestLimits) -> list[str]:
+    """The request limits of ``cluster up``, for both services it starts."""
+    return [
+        arg for name, value in dataclasses.asdict(limits).items() for arg in ("--" + name.replace("_", "-"), str(value))
+    ]
+
+
+def _wait_until_serving(target: str, supervisor: Supervisor, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while asyncio.run(check_health(target, "", 2.0, None, quiet=True)) != 0:
+        exited = supervisor.exited()
+        if exited:
+            child = exited[0]
+            raise RuntimeError(
+                f"the {child.name} exited with code {child.process.returncode} before {target} was serving"
+                " (its output is above)"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{target} was not serving after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _generate_once(gateway: str, args: argparse.Namespace) -> None:
+    from hybrid_sd.client import generate_remote, response_summary
+    from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+
+    request = pb.GenerateRequest(prompt=args.generate, num_inference_steps=args.steps)
+    if args.switch_step is not None:
+        request.switch_step = args.switch_step
+    if args.seed is not None:
+        request.seed = args.seed
+    response = asyncio.run(generate_remote(gateway, request, args.out))
+    print(json.dumps(response_summary(response), indent=2))
+    print(f"wrote {args.out}")
