@@ -24,6 +24,7 @@ from hybrid_sd.state import HybridState
 
 logger = logging.getLogger(__name__)
 
+
 class Denoiser:
     """Begins runs, advances them over a range of steps, and decodes them, for one model.
 

@@ -5,22 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hybrid_sd.v1 import hybrid_sd_pb2 as pb
-
-OUTPUT_FORMATS = {
-    ".png": pb.OUTPUT_FORMAT_PNG,
-    ".jpg": pb.OUTPUT_FORMAT_JPEG,
-    ".jpeg": pb.OUTPUT_FORMAT_JPEG,
-    ".webp": pb.OUTPUT_FORMAT_WEBP,
+# Image file suffixes, and the format (as PIL names it) an image is written in.
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
 }
 
 
-def output_format_for(path: Path) -> int:
+def image_format_for(path: Path) -> str:
     """The image format (``OutputFormat``) the suffix of ``path`` names."""
     suffix = path.suffix.lower()
-    if suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"--out must end in one of {', '.join(OUTPUT_FORMATS)}, got {str(path)!r}")
-    return OUTPUT_FORMATS[suffix]
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"--out must end in one of {', '.join(IMAGE_FORMATS)}, got {str(path)!r}")
+    return IMAGE_FORMATS[suffix]
 
 
 def read_prompt_file(path: Path, flag: str = "--prompts") -> list[str]:

@@ -98,14 +98,17 @@ def _wait_until_serving(target: str, supervisor: Supervisor, timeout: float = 60
 
 
 def _generate_once(gateway: str, args: argparse.Namespace) -> None:
-    from hybrid_sd.client import generate_remote, response_summary
-    from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+    from hybrid_sd.client import generate_remote
+    from hybrid_sd.request import GenerationRequest
+    from hybrid_sd.results import CallOptions, OutputSpec
+    from hybrid_sd.user_files import image_format_for
 
-    request = pb.GenerateRequest(prompt=args.generate, num_inference_steps=args.steps)
-    if args.switch_step is not None:
-        request.switch_step = args.switch_step
-    if args.seed is not None:
-        request.seed = args.seed
-    response = asyncio.run(generate_remote(gateway, request, args.out))
-    print(json.dumps(response_summary(response), indent=2))
+    request = GenerationRequest(
+        args.generate, switch_step=args.switch_step, num_inference_steps=args.steps, seed=args.seed
+    )
+    options = CallOptions(output=OutputSpec(image_format=image_format_for(args.out), latents=False))
+    result = asyncio.run(generate_remote(gateway, request, options))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(result.image_data)
+    print(json.dumps(result.summary(), indent=2))
     print(f"wrote {args.out}")

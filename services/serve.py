@@ -15,11 +15,11 @@ from hybrid_sd.ports import check_can_listen, check_port
 from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
 
 if TYPE_CHECKING:
-    from hybrid_sd.rpc import Security
+    from hybrid_sd.credentials import Security
 
 
 def _security(args: argparse.Namespace) -> Security:
-    from hybrid_sd.rpc import Security
+    from hybrid_sd.credentials import Security
 
     security = Security(args.token, args.tls_cert, args.tls_key, args.tls_client_ca, args.tls_ca)
     security.check()

@@ -13,7 +13,8 @@ from hybrid_sd.request import GenerationRequest
 from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
 
 if TYPE_CHECKING:
-    from hybrid_sd.pipeline import GenerationResult
+    from hybrid_sd.lane import Progress
+    from hybrid_sd.results import GenerationResult
 
 
 def add_generate_command(commands: argparse._SubParsersAction) -> None:
@@ -59,14 +60,14 @@ def run_generate(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
     )
     request.check()  # before loading any model: bad input fails fast
-    from hybrid_sd.user_files import output_file, output_format_for
+    from hybrid_sd.user_files import image_format_for, output_file
 
-    output_format = output_format_for(args.out)  # a bad suffix or an unwritable path fails now, not after the work
+    image_format = image_format_for(args.out)  # a bad suffix or an unwritable path fails now, not after the work
     output_file(args.out)
     if args.latents_out is not None:
         output_file(args.latents_out, "--latents-out")
     if args.target:
-        run_remote_generate(args, request)
+        run_remote_generate(args, request, image_format)
         return
     spec = local_pair_spec(args)
     import torch
@@ -77,46 +78,43 @@ def run_generate(args: argparse.Namespace) -> None:
     pipeline = HybridPipeline.from_pair(spec, args.device or "cpu", getattr(torch, args.dtype))
     with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
 
-        def show_progress(step: dict) -> None:
-            bar.total = step["total"]
+        def show_progress(progress: Progress) -> None:
+            bar.total = progress.total
             bar.update()
 
-        result = pipeline(request, callback=show_progress)
-    write_outputs(result, args.out, output_format, args.latents_out)
+        result = pipeline(request, on_progress=show_progress)
+    write_outputs(result, args, image_format)
+
+
+def run_remote_generate(args: argparse.Namespace, request: GenerationRequest, image_format: str) -> None:
+    import asyncio
+
+    from hybrid_sd.client import generate_remote
+    from hybrid_sd.results import CallOptions, OutputSpec
+
+    options = CallOptions(
+        output=OutputSpec(image_format=image_format, latents=args.latents_out is not None),
+        allow_edge_fallback=args.allow_edge_fallback,
+        pair=args.pair or "",
+    )
+    result = asyncio.run(generate_remote(args.target, request, options, args.token, args.tls_ca, args.timeout))
+    write_outputs(result, args, image_format)
+
+
+def write_outputs(result: GenerationResult, args: argparse.Namespace, image_format: str) -> None:
+    """The image in the format its suffix names (as a server encoded it, or encoded here), the latents
+    if asked, and the summary."""
+    from hybrid_sd.halves import encode_image
+
+    data = result.image_data or encode_image(result.image, image_format)[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    if args.latents_out is not None:
+        save_latents(result.latents, args.latents_out)
     if args.json:
         print(json.dumps(result.summary()))
     else:
         print(f"wrote {args.out} (seed {result.request.seed}, switch step {result.request.switch_step})")
-
-
-def run_remote_generate(args: argparse.Namespace, request: GenerationRequest) -> None:
-    import asyncio
-
-    from hybrid_sd.client import generate_remote, latents_of, response_summary
-    from hybrid_sd.wire import request_to_pb
-
-    message = request_to_pb(request)
-    message.allow_edge_fallback = args.allow_edge_fallback
-    message.include_latents = args.latents_out is not None
-    if args.pair:
-        message.pair = args.pair
-    response = asyncio.run(generate_remote(args.target, message, args.out, args.token, args.tls_ca, args.timeout))
-    if args.latents_out is not None:
-        save_latents(latents_of(response), args.latents_out)
-    if args.json:
-        print(json.dumps(response_summary(response)))
-    else:
-        print(f"wrote {args.out} (seed {response.seed}, switch step {response.switch_step})")
-
-
-def write_outputs(result: GenerationResult, image_path: Path, output_format: int, latents_path: Path | None) -> None:
-    """The image in the format its suffix names (as the served path writes it), and the latents if asked."""
-    from hybrid_sd.wire import encode_image
-
-    image_path.parent.mkdir(parents=True, exist_ok=True)
-    image_path.write_bytes(encode_image(result.image, output_format)[0])
-    if latents_path is not None:
-        save_latents(result.latents, latents_path)
 
 
 def save_latents(latents, path: Path) -> None:

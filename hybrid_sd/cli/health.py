@@ -31,9 +31,10 @@ async def check_health(target: str, service: str, timeout: float, tls_ca: Path |
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from hybrid_sd.rpc import open_channel
+    from hybrid_sd.credentials import channel_credentials
+    from hybrid_sd.rpc_clients import open_channel
 
-    async with open_channel(target, tls_ca) as channel:
+    async with open_channel(target, channel_credentials(tls_ca)) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

@@ -51,7 +51,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts)
     output_folder(args.out)
     # Heavy imports here, after the files are checked: building the parser stays fast, and a mistake is told at once.
-    from hybrid_sd.sweep import SweepConfig, in_process_runner, remote_runner, run_sweep
+    from hybrid_sd.sweep import SweepConfig, remote_runner, run_sweep
 
     config = SweepConfig(
         switch_steps=switch_steps,
@@ -70,7 +70,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
         from hybrid_sd.pipeline import HybridPipeline
 
         pipeline = HybridPipeline.from_pair(local_pair_spec(args), args.device or "cpu", getattr(torch, args.dtype))
-        runner = in_process_runner(pipeline)
+        runner = pipeline
     summary = run_sweep(config, runner)
     print(f"wrote {args.out / 'report.md'}")
     print(format_table(summary))
