@@ -12,7 +12,7 @@ import pytest
 
 from hybrid_sd.cli.sweep import add_sweep_command
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.sweep import COLUMNS, SweepConfig, in_process_runner, run_sweep
+from hybrid_sd.sweep import COLUMNS, SweepConfig, run_sweep
 
 STEPS = 4
 KS = [0, 2, 4]
@@ -25,7 +25,7 @@ class Interrupted(Exception):
 
 @pytest.fixture(scope="module")
 def runner(pairs):
-    return in_process_runner(HybridPipeline(pairs["sd1"]))
+    return HybridPipeline(pairs["sd1"])
 
 
 def make_config(out, seeds=(0,), **changes) -> SweepConfig:
