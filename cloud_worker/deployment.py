@@ -147,6 +147,11 @@ class RayCloudClient:
     def attach(self, handle) -> None:
         self._handle = handle
 
+    @property
+    def pending(self) -> int:
+        """Calls waiting for an answer from the replicas (queued there or running)."""
+        return len(self._in_flight)
+
     def set_alive(self, alive: bool) -> None:
         """Going down cancels the requests waiting for a replica: they answer UNAVAILABLE (or fall back)."""
         self.alive = alive

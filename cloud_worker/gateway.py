@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,16 +26,25 @@ from ray import serve
 
 from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind, running_replicas
 from cloud_worker.ray_node import START_ATTEMPTS, RayNode, joined_node, start_timed_out
-from hybrid_sd import orchestrate
 from hybrid_sd.credentials import Security
 from hybrid_sd.limits import RequestLimits
+from hybrid_sd.orchestrate import ServerGeneration
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.rpc_clients import GrpcEdgeClient, open_channel
-from hybrid_sd.rpc_server import CLOUD_DENOISER, HYBRID_DIFFUSION, RunningServer, deadline_of, start_server
+from hybrid_sd.rpc_server import (
+    CLOUD_DENOISER,
+    HYBRID_DIFFUSION,
+    HybridDiffusionServicer,
+    RunningServer,
+    deadline_of,
+    start_server,
+)
+from hybrid_sd.service_metrics import ServiceMetrics
 from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import call_from_pb, denoise_from_pb, handoff_to_pb, result_to_pb
+from hybrid_sd.web.server import http_face
+from hybrid_sd.wire import denoise_from_pb, handoff_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -59,34 +68,7 @@ class GatewayConfig:
     security: Security = field(default_factory=Security)
     edge_token: str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
-
-
-class GatewayHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
-    def __init__(self, pair_name: str, cloud: RayCloudClient, edge: GrpcEdgeClient, limits: RequestLimits):
-        self.pair_name, self.cloud, self.edge, self.limits = pair_name, cloud, edge, limits
-
-    def _generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """orchestrate.generate for a call, waiting only for ``on_progress``."""
-        request, options = call_from_pb(message)
-        return partial(
-            orchestrate.generate,
-            request,
-            self.cloud,
-            self.edge,
-            options,
-            deadline=deadline_of(context),
-            served_pair=self.pair_name,
-            limits=self.limits,
-        )
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        return result_to_pb(await self._generate(request, context)())
-
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateEvent]:
-        async for event in as_events(self._generate(request, context), pb.GenerateEvent, "result", result_to_pb):
-            yield event
+    http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
 
 
 class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
@@ -182,22 +164,33 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
     """Serve until the block exits; health turns SERVING once the replicas have loaded the model."""
     cloud = RayCloudClient()
     edge = GrpcEdgeClient(open_channel(config.edge, config.security.peer_credentials()), config.edge_token)
+    metrics = ServiceMetrics()
+    metrics.watch_queue(lambda: cloud.pending)
+    generate = metrics.measured(ServerGeneration(cloud, edge, config.pair_name, config.limits))
 
     def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_HybridDiffusionServicer_to_server(
-            GatewayHybridDiffusionServicer(config.pair_name, cloud, edge, config.limits), server
-        )
+        pb_grpc.add_HybridDiffusionServicer_to_server(HybridDiffusionServicer(generate), server)
         pb_grpc.add_CloudDenoiserServicer_to_server(GatewayCloudDenoiserServicer(cloud, config.limits), server)
 
     server = await start_server(
-        "gateway", register, (HYBRID_DIFFUSION, CLOUD_DENOISER), config.host, config.port, config.security
+        "gateway",
+        register,
+        (HYBRID_DIFFUSION, CLOUD_DENOISER),
+        config.host,
+        config.port,
+        config.security,
+        partial(metrics.count, "grpc"),
     )
     logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
     started_ray = not ray.is_initialized()
     watcher = None
     ray_node = ExitStack()
+    http = AsyncExitStack()
     try:
         cloud.attach(await asyncio.to_thread(deploy, config, ray_node))
+        server.http_port = await http.enter_async_context(
+            http_face("gateway", generate, metrics, config.host, config.http_port, config.security)
+        )
         await server.set_serving()
         watcher = asyncio.create_task(_follow_replicas(server, cloud))
         yield server
@@ -207,6 +200,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
         # Ray's C++ failure handler (absl's) answers a SIGTERM with an abort 3 s later (an alarm), which
         # would cut this shutdown short and leave Ray's processes behind: the gateway stops in order instead.
         signal.alarm(0)
+        await http.aclose()
         await server.stop()
         if ray.is_initialized():
             await asyncio.to_thread(serve.delete, APP_NAME)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,23 +19,33 @@ from functools import partial
 import grpc
 import torch
 
-from hybrid_sd import orchestrate
 from hybrid_sd.credentials import Security
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile
+from hybrid_sd.errors import NotReadyError
 from hybrid_sd.halves import LocalEdge
 from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.limits import RequestLimits
+from hybrid_sd.orchestrate import ServerGeneration
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.presets import PairSpec
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import EdgeResult, Handoff, OutputSpec
 from hybrid_sd.rpc_clients import GrpcCloudClient, open_channel
-from hybrid_sd.rpc_server import EDGE_REFINER, HYBRID_DIFFUSION, RunningServer, deadline_of, start_server
+from hybrid_sd.rpc_server import (
+    EDGE_REFINER,
+    HYBRID_DIFFUSION,
+    HybridDiffusionServicer,
+    RunningServer,
+    deadline_of,
+    start_server,
+)
+from hybrid_sd.service_metrics import ServiceMetrics
 from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from hybrid_sd.wire import call_from_pb, edge_profile_to_pb, edge_result_to_pb, refine_from_pb, result_to_pb
+from hybrid_sd.web.server import http_face
+from hybrid_sd.wire import edge_profile_to_pb, edge_result_to_pb, refine_from_pb
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ class EdgeConfig:
     cloud_token: str | None = None
     torch_threads: int | None = None  # intra-op threads; must match the cloud's for a bit-exact split
     limits: RequestLimits = field(default_factory=RequestLimits)
+    http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
 
@@ -85,8 +95,11 @@ class EdgeWorker:
 
     def _loaded(self) -> LocalEdge:
         if self.half is None:
-            raise RuntimeError("the edge model is not loaded")
+            raise NotReadyError("the edge model is still loading")
         return self.half
+
+    def queue_depth(self) -> int:
+        return self.half.lane.waiting if self.half is not None else 0
 
     async def describe(self, deadline: float | None = None) -> EdgeProfile:
         return await self._loaded().describe(deadline)
@@ -105,65 +118,23 @@ class EdgeWorker:
             self.half.lane.shutdown()
 
 
-async def _unless_loading(context: grpc.aio.ServicerContext, worker: EdgeWorker) -> None:
-    if worker.half is None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the edge model is still loading")
-
-
 class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
     def __init__(self, worker: EdgeWorker):
         self.worker = worker
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.EdgeProfile:
-        await _unless_loading(context, self.worker)
         return edge_profile_to_pb(await self.worker.describe())
 
     async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
-        await _unless_loading(context, self.worker)
         start, output = refine_from_pb(request)
         return edge_result_to_pb(await self.worker.refine(start, output, deadline_of(context)))
 
     async def RefineStream(
         self, request: pb.RefineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RefineEvent]:
-        await _unless_loading(context, self.worker)
         start, output = refine_from_pb(request)
         call = partial(self.worker.refine, start, output, deadline_of(context))
         async for event in as_events(call, pb.RefineEvent, "result", edge_result_to_pb):
-            yield event
-
-
-class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
-    """Edge-initiated requests: the cloud's Denoise over gRPC, then this worker's model."""
-
-    def __init__(self, worker: EdgeWorker):
-        self.worker = worker
-
-    def _generate(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """orchestrate.generate for a call, waiting only for ``on_progress``."""
-        request, options = call_from_pb(message)
-        timeout = self.worker.config.cloud_timeout
-        return partial(
-            orchestrate.generate,
-            request,
-            self.worker.cloud,
-            self.worker,
-            options,
-            deadline=deadline_of(context),
-            cloud_deadline=None if timeout is None else time.time() + timeout,
-            served_pair=self.worker.config.pair_name,
-            limits=self.worker.config.limits,
-        )
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        await _unless_loading(context, self.worker)
-        return result_to_pb(await self._generate(request, context)())
-
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateEvent]:
-        await _unless_loading(context, self.worker)
-        async for event in as_events(self._generate(request, context), pb.GenerateEvent, "result", result_to_pb):
             yield event
 
 
@@ -171,19 +142,32 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
 async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
     """Serve until the block exits; health turns SERVING once the model is loaded."""
     worker = EdgeWorker(config)
+    metrics = ServiceMetrics()
+    metrics.watch_queue(worker.queue_depth)
+    generate = metrics.measured(
+        ServerGeneration(worker.cloud, worker, config.pair_name, config.limits, config.cloud_timeout)
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_EdgeRefinerServicer_to_server(EdgeRefinerServicer(worker), server)
-        pb_grpc.add_HybridDiffusionServicer_to_server(EdgeHybridDiffusionServicer(worker), server)
+        pb_grpc.add_HybridDiffusionServicer_to_server(HybridDiffusionServicer(generate), server)
 
     server = await start_server(
-        "edge worker", register, (EDGE_REFINER, HYBRID_DIFFUSION), config.host, config.port, config.security
+        "edge worker",
+        register,
+        (EDGE_REFINER, HYBRID_DIFFUSION),
+        config.host,
+        config.port,
+        config.security,
+        partial(metrics.count, "grpc"),
     )
     logger.info("edge worker %s listening on %s:%d", config.name, config.host, server.port)
     try:
         await worker.load()
-        await server.set_serving()
-        yield server
+        async with http_face("edge worker", generate, metrics, config.host, config.http_port, config.security) as port:
+            server.http_port = port
+            await server.set_serving()
+            yield server
     finally:
         await server.stop()
         worker.close()

@@ -23,3 +23,7 @@ class QueueFullError(Exception):
 
 class NonFiniteLatentsError(RuntimeError):
     """The latents became NaN or Inf at a denoising step (INTERNAL): no image is made from them."""
+
+
+class NotReadyError(Exception):
+    """The server is still loading its model (UNAVAILABLE)."""

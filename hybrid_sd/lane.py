@@ -36,6 +36,14 @@ class ComputeLane:
 
     def __init__(self):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
+        # Each counted by one thread only (the event loop's, the lane's), so no lock is needed.
+        self._submitted = 0
+        self._started = 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the lane."""
+        return self._submitted - self._started
 
     async def run(
         self,
@@ -62,10 +70,12 @@ class ComputeLane:
 
         def guarded() -> T:
             nonlocal queued
+            self._started += 1
             queued = time.perf_counter() - submitted
             check({})  # a request whose deadline passed in the queue never starts
             return work(check)
 
+        self._submitted += 1
         future = loop.run_in_executor(self._executor, guarded)
         try:
             return await asyncio.shield(future), queued

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from hybrid_sd.edge_profile import EdgeProfile
@@ -48,6 +49,52 @@ class EdgeHalf(Protocol):
         on_progress: ProgressCallback | None = None,
     ) -> EdgeResult:
         """The rest of the schedule after a handoff, or all of it for a request, and the decode."""
+
+
+class Generate(Protocol):
+    """A server's one generation (what its gRPC and HTTP faces both call): :func:`generate` with the server's
+    halves, pair and limits bound."""
+
+    async def __call__(
+        self,
+        request: GenerationRequest,
+        options: CallOptions,
+        deadline: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> GenerationResult: ...
+
+
+@dataclass(frozen=True)
+class ServerGeneration:
+    """A server's one generation, :func:`generate` with its halves, pair, limits and cloud timeout bound: what
+    its gRPC and HTTP faces both call (a :class:`Generate`)."""
+
+    cloud: CloudHalf | None
+    edge: EdgeHalf
+    served_pair: str | None = None
+    limits: RequestLimits | None = None
+    cloud_timeout: float | None = None  # seconds the cloud half may take, so that a fallback has time to run
+
+    async def __call__(
+        self,
+        request: GenerationRequest,
+        options: CallOptions,
+        deadline: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        timeout = self.cloud_timeout
+        cloud_deadline = None if timeout is None else time.time() + timeout
+        return await generate(
+            request,
+            self.cloud,
+            self.edge,
+            options,
+            deadline,
+            cloud_deadline,
+            on_progress,
+            self.served_pair,
+            self.limits,
+        )
 
 
 async def generate(

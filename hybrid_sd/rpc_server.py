@@ -9,8 +9,9 @@ import hmac
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,12 +24,17 @@ from hybrid_sd.errors import (
     DeadlineExceededError,
     IncompatibleModelsError,
     NonFiniteLatentsError,
+    NotReadyError,
     QueueFullError,
     RunCancelledError,
 )
 from hybrid_sd.limits import CHANNEL_OPTIONS
+from hybrid_sd.orchestrate import Generate
 from hybrid_sd.ports import check_can_listen
+from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
+from hybrid_sd.wire import call_from_pb, result_to_pb
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,9 @@ CLOUD_DENOISER = pb.DESCRIPTOR.services_by_name["CloudDenoiser"].full_name
 EDGE_REFINER = pb.DESCRIPTOR.services_by_name["EdgeRefiner"].full_name
 # Probes and tooling must work without a token (compose healthchecks, grpcurl list).
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# Hears the status of every call a server answers: (method, status code name).
+StatusReport = Callable[[str, str], None]
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -55,6 +64,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
         (RunCancelledError, grpc.StatusCode.CANCELLED),
         (CloudUnavailableError, grpc.StatusCode.UNAVAILABLE),
+        (NotReadyError, grpc.StatusCode.UNAVAILABLE),
         (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (NonFiniteLatentsError, grpc.StatusCode.INTERNAL),
         # A method the servicer leaves to its generated base (grpc_health's aio servicer has no List).
@@ -65,6 +75,27 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
+class HybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
+    """``HybridDiffusion`` over a server's one generation (the gateway's and the edge worker's)."""
+
+    def __init__(self, generate: Generate):
+        self.generate = generate
+
+    def _call(self, message: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """The generation a call asks for, waiting only for ``on_progress``."""
+        request, options = call_from_pb(message)
+        return partial(self.generate, request, options, deadline_of(context))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        return result_to_pb(await self._call(request, context)())
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        async for event in as_events(self._call(request, context), pb.GenerateEvent, "result", result_to_pb):
+            yield event
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions escaping a servicer into status codes, so a bad request never surfaces as
     UNKNOWN and never takes the server down.
@@ -72,19 +103,29 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     Request bytes are parsed inside the wrapped handler, not by grpc.aio before it: undecodable
     bytes are a bad request (INVALID_ARGUMENT), on every method of every service."""
 
+    def __init__(self, on_status: StatusReport | None = None):
+        self._report = on_status or (lambda method, status: None)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
         parse = _parser(method, handler.request_deserializer)
+        report = self._report
 
         @contextlib.asynccontextmanager
         async def statuses(context: grpc.aio.ServicerContext):
-            """Every exception but an abort or a cancellation leaves as the status it maps to."""
+            """Every exception but an abort or a cancellation leaves as the status it maps to; each call's
+            status is reported."""
             try:
                 yield
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+            except asyncio.CancelledError:
+                report(method, grpc.StatusCode.CANCELLED.name)
+                raise
+            except grpc.aio.AbortError:
+                code = context.code()
+                report(method, code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
                 raise
             except Exception as error:  # noqa: BLE001 - every error must become a status
                 code, details = status_for(error)
@@ -92,7 +133,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     logger.exception("%s failed", method)
                 else:
                     logger.info("%s: %s: %s", method, code.name, details)
+                report(method, code.name)
                 await context.abort(code, details)
+            else:
+                report(method, grpc.StatusCode.OK.name)
 
         serialize = handler.response_serializer
         if handler.unary_unary:
@@ -153,16 +197,24 @@ def _parser(method: str, deserializer: Callable[[bytes], object] | None) -> Call
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED unless the call carries ``authorization: Bearer <token>``."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_status: StatusReport | None = None):
         self._expected = f"Bearer {token}".encode()
+        self._report = on_status or (lambda method, status: None)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(_OPEN_SERVICES):
+        method = handler_call_details.method
+        if method.startswith(_OPEN_SERVICES):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if hmac.compare_digest(str(metadata.get("authorization", "")).encode(), self._expected):
+        if token_matches(str(metadata.get("authorization", "")), self._expected):
             return await continuation(handler_call_details)
+        self._report(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return _unauthenticated_handler(await continuation(handler_call_details))
+
+
+def token_matches(authorization: str, expected: bytes) -> bool:
+    """Whether an ``authorization`` header is ``expected`` (``Bearer <token>``), in constant time."""
+    return hmac.compare_digest(authorization.encode(), expected)
 
 
 def _unauthenticated_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
@@ -191,6 +243,7 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    http_port: int = 0  # the HTTP face's, where one runs beside
 
     async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -210,16 +263,17 @@ async def start_server(
     host: str,
     port: int,
     security: Security = Security(),
+    on_status: StatusReport | None = None,
 ) -> RunningServer:
     """Start the ``name`` server (as error messages call it) on ``host:port`` (port 0: any free port) with the
     standard services; health says NOT_SERVING until :meth:`RunningServer.set_serving` (once the models are
-    loaded)."""
+    loaded). ``on_status`` hears the status of every call."""
     security.check()
     check_can_listen(host, port, name)
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if security.token:
-        interceptors.append(BearerTokenInterceptor(security.token))
-    interceptors.append(ErrorMappingInterceptor())
+        interceptors.append(BearerTokenInterceptor(security.token, on_status))
+    interceptors.append(ErrorMappingInterceptor(on_status))
     server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -16,6 +16,9 @@ from services.serve import run_serve_cloud, run_serve_edge, run_serve_gateway
 
 DEFAULT_GATEWAY_PORT = 50051
 DEFAULT_EDGE_PORT = 50052
+DEFAULT_GATEWAY_HTTP_PORT = 8080
+DEFAULT_EDGE_HTTP_PORT = 8081
+HTTP_HELP = "port of the HTTP face: JSON, server-sent events, A1111's txt2img, /metrics, the page at / (0: no HTTP)"
 THREADS_HELP = "torch intra-op threads (default: torch's); cloud and edge need the same for a bit-exact split"
 
 
@@ -24,7 +27,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="run one service").add_subparsers(dest="role", required=True)
 
     edge = serve.add_parser("edge", help="the edge worker (small model, decoder)")
-    _add_server_arguments(edge, DEFAULT_EDGE_PORT)
+    _add_server_arguments(edge, DEFAULT_EDGE_PORT, DEFAULT_EDGE_HTTP_PORT)
     add_model_arguments(edge)
     edge.add_argument("--cloud", help="HOST:PORT of the gateway, for requests that start at this edge")
     edge.add_argument("--cloud-timeout", type=float, help="seconds the cloud half may take before a fallback")
@@ -34,7 +37,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     edge.set_defaults(handler=run_serve_edge)
 
     gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
-    _add_server_arguments(gateway, DEFAULT_GATEWAY_PORT)
+    _add_server_arguments(gateway, DEFAULT_GATEWAY_PORT, DEFAULT_GATEWAY_HTTP_PORT)
     add_model_arguments(gateway)
     gateway.add_argument("--edge", required=True, help="HOST:PORT of the edge worker")
     gateway.add_argument("--edge-token", default=env_value("HYBRID_SD_EDGE_TOKEN"), help="token for --edge")
@@ -55,6 +58,9 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     up = cluster.add_parser("up", help="start edge worker and gateway (with a local Ray); Ctrl-C stops them")
     add_model_arguments(up)
     up.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="gateway port (edge: the next one)")
+    up.add_argument(
+        "--http-port", type=int, default=DEFAULT_GATEWAY_HTTP_PORT, help=HTTP_HELP + "; the edge's: the next one"
+    )
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
     add_limit_arguments(up)
@@ -66,9 +72,10 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     up.set_defaults(handler=run_cluster_up)
 
 
-def _add_server_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+def _add_server_arguments(parser: argparse.ArgumentParser, port: int, http_port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--http-port", type=int, default=http_port, help=HTTP_HELP)
     parser.add_argument("--token", default=env_value("HYBRID_SD_TOKEN"), help="require this bearer token")
     parser.add_argument("--tls-cert", type=Path, default=_env_path("HYBRID_SD_TLS_CERT"))
     parser.add_argument("--tls-key", type=Path, default=_env_path("HYBRID_SD_TLS_KEY"))

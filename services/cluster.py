@@ -25,14 +25,27 @@ def run_cluster_up(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [1, 65534] (the edge worker takes the next one), got {args.port}")
     for port, service in ((args.port, "gateway"), (args.port + 1, "edge worker")):
         check_can_listen("127.0.0.1", port, service, "choose another --port (the edge worker takes the next one)")
+    if args.http_port:
+        if not 1 <= args.http_port < 65535:
+            raise ValueError(
+                f"--http-port must be 0 or in [1, 65534] (the edge takes the next one), got {args.http_port}"
+            )
+        for port, service in (
+            (args.http_port, "gateway's HTTP server"),
+            (args.http_port + 1, "edge worker's HTTP server"),
+        ):
+            check_can_listen("127.0.0.1", port, service, "choose another --http-port (the edge takes the next one)")
     local_pair_spec(args)  # both servers load their models here: check them before starting either
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
     base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
+    http_ports = (args.http_port, args.http_port + 1) if args.http_port else (0, 0)
     edge_command = [*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]
+    edge_command += ["--http-port", str(http_ports[1])]
     gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
+    gateway_command += ["--http-port", str(http_ports[0])]
     supervisor = Supervisor(
         [Child("edge worker", edge_command), Child("gateway", [*gateway_command, "--replicas", str(args.replicas)])]
     )
@@ -42,6 +55,11 @@ def run_cluster_up(args: argparse.Namespace) -> None:
         for target in (edge, gateway):
             _wait_until_serving(target, supervisor)
         print(f"cluster up: gateway {gateway}, edge {edge} (both serve HybridDiffusion)", flush=True)
+        if args.http_port:
+            print(
+                f"web page: http://127.0.0.1:{http_ports[0]}/ (the edge's: http://127.0.0.1:{http_ports[1]}/)",
+                flush=True,
+            )
         if args.generate is not None:
             _generate_once(gateway, args)
             return

@@ -27,12 +27,15 @@ def _security(args: argparse.Namespace) -> Security:
 
 
 def _check_listen(args: argparse.Namespace, service: str) -> None:
-    """``--port``, and unless ``--check`` (which may run beside the server it configures) that it is free now:
-    before the server's libraries load."""
+    """``--port`` and ``--http-port``, and unless ``--check`` (which may run beside the server it configures)
+    that they are free now: before the server's libraries load."""
+    check_port(args.http_port, "--http-port")
     if args.check:
         check_port(args.port)
-    else:
-        check_can_listen(args.host, args.port, service)
+        return
+    check_can_listen(args.host, args.port, service)
+    if args.http_port:
+        check_can_listen(args.host, args.http_port, f"{service}'s HTTP server", "choose another with --http-port")
 
 
 def _check_target(name: str, target: str | None) -> None:
@@ -76,6 +79,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         cloud_token=args.cloud_token,
         torch_threads=_positive("--torch-threads", args.torch_threads),
         limits=limits_from_args(args),
+        http_port=args.http_port or None,
     )
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
@@ -122,6 +126,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
         security=_security(args),
         edge_token=args.edge_token,
         limits=limits_from_args(args),
+        http_port=args.http_port or None,
     )
     if args.check:
         print(f"gateway configuration is valid: {spec.cloud} on {args.host}:{args.port}, edge {args.edge}")
@@ -171,7 +176,8 @@ async def _serve_until_signal(server_context, what: str) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with server_context as server:
-        print(f"{what} serving on port {server.port}", flush=True)
+        http = f"; HTTP on port {server.http_port}" if server.http_port else ""
+        print(f"{what} serving on port {server.port}{http}", flush=True)
         await stop.wait()
         print(f"{what} stopping: finishing in-flight requests", flush=True)
 

@@ -35,7 +35,8 @@ def wait_serving(target: str, timeout: float = 180) -> None:
 def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home, pairs):
     port = free_port()
     gateway, edge = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
-    cluster = subprocess.Popen([*CLI, "cluster", "up", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    command = [*CLI, "cluster", "up", "--port", str(port), "--http-port", "0"]
+    cluster = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         wait_serving(gateway)
         wait_serving(edge)
@@ -92,6 +93,8 @@ def test_cluster_up_generate_once(tmp_path, model_home):
         "up",
         "--port",
         str(free_port()),
+        "--http-port",
+        "0",
         "--generate",
         "a red circle",
         "--steps",

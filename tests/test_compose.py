@@ -26,6 +26,7 @@ CPU = "docker-compose.cpu.yml"
 
 # role -> the port its gRPC server listens on and publishes
 GRPC_PORTS = {"gateway": 50051, "edge": 50052}
+HTTP_PORTS = {"gateway": 8080, "edge": 8081}  # and /metrics
 HYBRID_SD_SERVICES = {"cloud": "cloud", "gateway": "gateway", "edge": "edge"}  # service -> `serve` role
 MODEL_HOME = "/models"
 RAY_SERVICES = {"ray-head", "cloud", "gateway"}  # the Ray nodes (the gateway joins as one)
@@ -129,8 +130,18 @@ def cpu_config() -> dict:
 
 
 def test_the_four_services(config):
-    assert set(config["services"]) == {"ray-head", "cloud", "gateway", "edge"}
-    assert set(default_services(config)) == set(config["services"])
+    assert set(default_services(config)) == {"ray-head", "cloud", "gateway", "edge"}
+    assert set(config["services"]) - set(default_services(config)) == {"prometheus"}  # --profile metrics
+
+
+def test_prometheus_scrapes_both_http_ports(config):
+    services = config["services"]
+    assert services["prometheus"]["profiles"] == ["metrics"]
+    scraped = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())["scrape_configs"][0]
+    targets = scraped["static_configs"][0]["targets"]
+    for name, port in HTTP_PORTS.items():
+        assert int(flag(services[name]["command"], "--http-port")) == port and port in published_ports(services[name])
+        assert f"{name}:{port}" in targets
 
 
 def test_ray_head_command_and_healthcheck(config):
@@ -174,15 +185,15 @@ def test_wiring_between_services(config):
 
 def test_model_volume_on_every_service(config):
     assert "models" in config["volumes"]
-    for name, service in config["services"].items():
+    for name, service in default_services(config).items():
         assert ("models", MODEL_HOME) in volume_mounts(service), name
         assert service["environment"]["HYBRID_SD_HOME"] == MODEL_HOME, name
 
 
 def test_one_image_for_every_service(config):
-    images = {service["image"] for service in config["services"].values()}
+    images = {service["image"] for service in default_services(config).values()}
     assert len(images) == 1
-    for service in config["services"].values():
+    for service in default_services(config).values():
         assert service["build"]["dockerfile"] == "docker/Dockerfile"
         assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
 
