@@ -40,6 +40,7 @@ from hybrid_sd.rpc_server import (
     start_server,
 )
 from hybrid_sd.service_metrics import ServiceMetrics
+from hybrid_sd.stages import stage
 from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
@@ -69,6 +70,7 @@ class GatewayConfig:
     edge_token: str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)
     http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
+    ray_log_level: int = logging.ERROR  # Ray's and Serve's logging in this process (their own handlers)
 
 
 class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
@@ -96,7 +98,8 @@ def deploy(config: GatewayConfig, resources: ExitStack):
     """Connect to (or start) Ray and run the denoiser application; returns its handle once every
     replica has loaded the model. A node started to join a cluster stops when ``resources`` closes."""
     if not ray.is_initialized():
-        _init_ray(**resources.enter_context(_ray_connection(config)))
+        _init_ray(**resources.enter_context(_ray_connection(config)), logging_level=config.ray_log_level)
+    logging.getLogger("ray.serve").setLevel(config.ray_log_level)
     # The replicas are reached through handles only: no HTTP proxies, which would take port 8000 on every node.
     serve.start(proxy_location="Disabled")
     application = bind(config.pair, config.replicas, config.device, config.dtype, config.limits)
@@ -181,13 +184,13 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
         config.security,
         partial(metrics.count, "grpc"),
     )
-    logger.info("gateway listening on %s:%d; deploying %s", config.host, server.port, config.pair.cloud)
     started_ray = not ray.is_initialized()
     watcher = None
     ray_node = ExitStack()
     http = AsyncExitStack()
     try:
-        cloud.attach(await asyncio.to_thread(deploy, config, ray_node))
+        with stage(f"starting Ray and the denoiser replicas of {config.pair.cloud}"):
+            cloud.attach(await asyncio.to_thread(deploy, config, ray_node))
         server.http_port = await http.enter_async_context(
             http_face("gateway", generate, metrics, config.host, config.http_port, config.security)
         )

@@ -41,6 +41,7 @@ from hybrid_sd.rpc_server import (
     start_server,
 )
 from hybrid_sd.service_metrics import ServiceMetrics
+from hybrid_sd.stages import stage
 from hybrid_sd.streams import as_events
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
@@ -83,8 +84,8 @@ class EdgeWorker:
             self.cloud = GrpcCloudClient(channel, config.cloud_token)
 
     async def load(self) -> None:
-        self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name)
-        logger.info("edge model %s loaded", self.config.pair.edge)
+        with stage(f"loading the edge model {self.config.pair.edge}"):
+            self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name)
 
     def _load(self) -> Denoiser:
         config = self.config

@@ -64,6 +64,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
     add_limit_arguments(up)
+    _add_log_dir_argument(up)
     up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")
     up.add_argument("--out", type=Path, default=Path("out/hybrid.png"), help="image file for --generate")
     up.add_argument("--switch-step", type=int, help="for --generate")
@@ -85,6 +86,16 @@ def _add_server_arguments(parser: argparse.ArgumentParser, port: int, http_port:
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     add_limit_arguments(parser)
+    _add_log_dir_argument(parser)
+
+
+def _add_log_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path("out/logs"),
+        help="where the logs go without --verbose (default: %(default)s)",
+    )
 
 
 def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,52 +14,51 @@ from hybrid_sd.cli.arguments import local_pair_spec
 from hybrid_sd.cli.health import check_health
 from hybrid_sd.limits import RequestLimits, limits_from_args
 from hybrid_sd.ports import check_can_listen
+from hybrid_sd.stages import stage
+from services.logs import print_stages
 from services.serve import interrupt
 from services.supervisor import Child, Supervisor
 
 
 def run_cluster_up(args: argparse.Namespace) -> None:
     """The embedded topology as processes on loopback: an edge worker, and a gateway that starts
-    Ray locally with the denoiser deployment. The edge can reach the gateway too."""
-    if not 1 <= args.port < 65535:
-        raise ValueError(f"--port must be in [1, 65534] (the edge worker takes the next one), got {args.port}")
-    for port, service in ((args.port, "gateway"), (args.port + 1, "edge worker")):
-        check_can_listen("127.0.0.1", port, service, "choose another --port (the edge worker takes the next one)")
+    Ray locally with the denoiser deployment. The edge can reach the gateway too. One line per stage;
+    the services' full logs go to files under ``--log-dir`` (with ``--verbose``: here)."""
+    _check_ports(args.port, "--port", ("gateway", "edge worker"))
     if args.http_port:
-        if not 1 <= args.http_port < 65535:
-            raise ValueError(
-                f"--http-port must be 0 or in [1, 65534] (the edge takes the next one), got {args.http_port}"
-            )
-        for port, service in (
-            (args.http_port, "gateway's HTTP server"),
-            (args.http_port + 1, "edge worker's HTTP server"),
-        ):
-            check_can_listen("127.0.0.1", port, service, "choose another --http-port (the edge takes the next one)")
+        _check_ports(args.http_port, "--http-port", ("gateway's HTTP server", "edge worker's HTTP server"))
     local_pair_spec(args)  # both servers load their models here: check them before starting either
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
+    http_ports = (args.http_port, args.http_port + 1) if args.http_port else (0, 0)
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
-    base = [sys.executable, "-m", "hybrid_sd.cli"] + (["--verbose"] if args.verbose else [])
-    http_ports = (args.http_port, args.http_port + 1) if args.http_port else (0, 0)
+    base = [sys.executable, "-m", "hybrid_sd.cli", "--verbose"]  # the full log, here or in its file
     edge_command = [*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]
     edge_command += ["--http-port", str(http_ports[1])]
     gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
-    gateway_command += ["--http-port", str(http_ports[0])]
+    gateway_command += ["--http-port", str(http_ports[0]), "--replicas", str(args.replicas)]
+    logs = None if args.verbose else args.log_dir
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(
-        [Child("edge worker", edge_command), Child("gateway", [*gateway_command, "--replicas", str(args.replicas)])]
+        [
+            Child("edge worker", edge_command, logs / "edge.log" if logs else None),
+            Child("gateway", gateway_command, logs / "gateway.log" if logs else None),
+        ]
     )
+    print_stages(also_logged=False)
     signal.signal(signal.SIGTERM, interrupt)
-    supervisor.start()
     try:
-        for target in (edge, gateway):
-            _wait_until_serving(target, supervisor)
+        if logs is not None:
+            print(f"logs in {logs}/ (--verbose: here)", flush=True)
+        supervisor.start()
+        for target, child in zip((edge, gateway), supervisor.children, strict=True):
+            with stage(f"starting the {child.name} on {target}"):
+                _wait_until_serving(target, supervisor)
         print(f"cluster up: gateway {gateway}, edge {edge} (both serve HybridDiffusion)", flush=True)
         if args.http_port:
-            print(
-                f"web page: http://127.0.0.1:{http_ports[0]}/ (the edge's: http://127.0.0.1:{http_ports[1]}/)",
-                flush=True,
-            )
+            print(f"web page: http://127.0.0.1:{http_ports[0]}/ (the edge's: http://127.0.0.1:{http_ports[1]}/)")
         if args.generate is not None:
             _generate_once(gateway, args)
             return
@@ -67,9 +66,20 @@ def run_cluster_up(args: argparse.Namespace) -> None:
             supervisor.poll()
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        print()  # past the terminal's ^C
     finally:
-        supervisor.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
+        with stage("stopping the edge worker and the gateway", "stopped"):
+            supervisor.stop()
+
+
+def _check_ports(first: int, flag: str, services: tuple[str, str]) -> None:
+    """``first`` and the next port free on loopback for ``services``."""
+    if not 1 <= first < 65535:
+        raise ValueError(f"{flag} must be in [1, 65534] (the edge worker takes the next one), got {first}")
+    for port, service in zip((first, first + 1), services, strict=True):
+        check_can_listen("127.0.0.1", port, service, f"choose another {flag} (the edge worker takes the next one)")
 
 
 def _model_flags(args: argparse.Namespace) -> list[str]:
@@ -108,7 +118,7 @@ def _wait_until_serving(target: str, supervisor: Supervisor, timeout: float = 60
             child = exited[0]
             raise RuntimeError(
                 f"the {child.name} exited with code {child.process.returncode} before {target} was serving"
-                " (its output is above)"
+                f" (its output: {child.log or 'above'})"
             )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{target} was not serving after {timeout:.0f} s")

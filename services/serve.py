@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybrid_sd.cli.arguments import check_local_models, pair_spec, quiet_libraries
 from hybrid_sd.limits import limits_from_args
 from hybrid_sd.ports import check_can_listen, check_port
 from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
+from hybrid_sd.stages import stage
+from services.logs import route_logs
 
 if TYPE_CHECKING:
     from hybrid_sd.credentials import Security
@@ -85,7 +90,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
         return
     quiet_libraries(args)
-    asyncio.run(_serve_until_signal(running_edge(config), "edge worker"))
+    _serve(running_edge(config), "edge worker", route_logs(args, "edge"))
 
 
 def run_serve_gateway(args: argparse.Namespace) -> None:
@@ -127,11 +132,12 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
         edge_token=args.edge_token,
         limits=limits_from_args(args),
         http_port=args.http_port or None,
+        ray_log_level=logging.INFO if args.verbose else logging.ERROR,
     )
     if args.check:
         print(f"gateway configuration is valid: {spec.cloud} on {args.host}:{args.port}, edge {args.edge}")
         return
-    asyncio.run(_serve_until_signal(running_gateway(config), "gateway"))
+    _serve(running_gateway(config), "gateway", route_logs(args, "gateway"))
 
 
 def run_serve_cloud(args: argparse.Namespace) -> None:
@@ -170,16 +176,24 @@ def _check_ray_node(args: argparse.Namespace) -> None:
         raise ValueError("--ray-token-file, --ray-temp-dir and --ray-start-args need --ray-address")
 
 
+def _serve(server_context, what: str, log: Path | None) -> None:
+    if log is not None:
+        print(f"{what}: logs in {log} (--verbose: here)", flush=True)
+    asyncio.run(_serve_until_signal(server_context, what))
+
+
 async def _serve_until_signal(server_context, what: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    stopping = contextlib.ExitStack()
     async with server_context as server:
         http = f"; HTTP on port {server.http_port}" if server.http_port else ""
         print(f"{what} serving on port {server.port}{http}", flush=True)
         await stop.wait()
-        print(f"{what} stopping: finishing in-flight requests", flush=True)
+        stopping.enter_context(stage(f"{what} stopping: finishing in-flight requests", "stopped"))
+    stopping.close()
 
 
 def interrupt(signum, frame) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -26,6 +27,7 @@ class Child:
 
     name: str
     command: list[str]
+    log: Path | None = None  # where its output goes (appended); None: this process's
     process: subprocess.Popen | None = None
     sessions: set[int] = field(default_factory=set)  # every session it ran in, to stop what it left
     started_at: float = 0.0
@@ -33,7 +35,13 @@ class Child:
     restart_at: float | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, start_new_session=True)
+        if self.log is None:
+            self.process = subprocess.Popen(self.command, start_new_session=True)
+        else:
+            with self.log.open("ab") as log:
+                self.process = subprocess.Popen(
+                    self.command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+                )
         self.sessions.add(self.process.pid)
         self.started_at = time.monotonic()
         self.restart_at = None

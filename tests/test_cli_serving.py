@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -33,10 +35,10 @@ def wait_serving(target: str, timeout: float = 180) -> None:
 
 
 def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home, pairs):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     gateway, edge = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
-    command = [*CLI, "cluster", "up", "--port", str(port), "--http-port", "0"]
-    cluster = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    command = [*CLI, "cluster", "up", "--port", str(port), "--http-port", str(http_port), "--log-dir", str(tmp_path)]
+    cluster = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_serving(gateway)
         wait_serving(edge)
@@ -81,9 +83,23 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
             str(tmp_path / "x.png"),
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "width" in bad.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=30) as page:
+            assert page.headers["content-type"].startswith("text/html")
     finally:
-        cluster.send_signal(signal.SIGTERM)
-        assert cluster.wait(timeout=120) == 0
+        cluster.send_signal(signal.SIGINT)  # Ctrl-C
+        output = cluster.communicate(timeout=120)[0]
+    assert cluster.returncode == 0, output
+    # One line per stage, the page's address, no line from the health polling, no traceback on Ctrl-C.
+    lines = output.splitlines()
+    assert lines[0] == f"logs in {tmp_path}/ (--verbose: here)"
+    assert re.fullmatch(rf"starting the edge worker on {edge}\.\.\. ready in [0-9.]+ s", lines[1])
+    assert re.fullmatch(rf"starting the gateway on {gateway}\.\.\. ready in [0-9.]+ s", lines[2])
+    assert f"web page: http://127.0.0.1:{http_port}/" in output
+    assert re.fullmatch(r"stopping the edge worker and the gateway\.\.\. stopped in [0-9.]+ s", lines[-1])
+    assert len(lines) <= 7, output
+    for noise in ("Traceback", "UNAVAILABLE", "NOT_SERVING", "fork_posix", "WARNING", "torchvision"):
+        assert noise not in output
+    assert "gateway serving on port" in (tmp_path / "gateway.log").read_text()  # the full logs
 
 
 def test_cluster_up_generate_once(tmp_path, model_home):

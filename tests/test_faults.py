@@ -67,11 +67,12 @@ class Method:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_home):
+def cluster(model_home, tmp_path_factory):
     """``cluster up`` with the default pair; ``sessions`` collects the session of every child it ran, to
     check that a stop leaves none of their processes (Ray's included)."""
-    port = free_port()
-    process = subprocess.Popen([*CLI, "cluster", "up", "--port", str(port), "--torch-threads", "1"])
+    port, logs = free_port(), tmp_path_factory.mktemp("logs")
+    command = [*CLI, "cluster", "up", "--port", str(port), "--torch-threads", "1", "--http-port", "0"]
+    process = subprocess.Popen([*command, "--log-dir", str(logs)])
     running = {"gateway": port, "edge": port + 1, "process": process, "sessions": set()}
     try:
         for role in ("gateway", "edge"):

@@ -40,11 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):  # read when they load, if they do
+        # Read when they load, if they do (gRPC's C core: its fork and connection messages).
+        for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY", "GRPC_VERBOSITY"):
             os.environ.setdefault(variable, "error")
     try:
         check_tokens(args)
         args.handler(args)
+    except KeyboardInterrupt:  # Ctrl-C: the command stops, no traceback
+        return 130
     except ValueError as error:  # a mistake in what the command names: one line, unless --verbose
         if args.verbose:
             traceback.print_exc()
