@@ -19,8 +19,9 @@ from hybrid_sd.errors import NonFiniteLatentsError
 from hybrid_sd.schedulers import step_kwargs
 
 # Called after every loop iteration with {"step": i, "total": iterations in the schedule,
-# "timestep": t, "latents": x}; it observes only, and may raise to stop the run (cancellation,
-# deadlines).
+# "timestep": t, "latents": x, and for previews "model_input" (the scaled UNet input),
+# "noise_pred" (the guided model output) and "scheduler"}; it observes only, and may raise to stop
+# the run (cancellation, deadlines).
 StepCallback = Callable[[dict[str, Any]], None]
 
 
@@ -75,5 +76,15 @@ def denoise(
                 f" (timestep {int(t)}, {type(scheduler).__name__})"
             )
         if callback is not None:
-            callback({"step": i, "total": len(scheduler.timesteps), "timestep": t, "latents": latents})
+            callback(
+                {
+                    "step": i,
+                    "total": len(scheduler.timesteps),
+                    "timestep": t,
+                    "latents": latents,
+                    "model_input": model_input[-1:],
+                    "noise_pred": noise_pred,
+                    "scheduler": scheduler,
+                }
+            )
     return latents

@@ -20,6 +20,7 @@ from hybrid_sd.denoise import StepCallback
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.lane import ComputeLane, ProgressCallback
+from hybrid_sd.previews import with_previews
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import CLOUD_STAGES, EDGE_STAGES, EdgeResult, Handoff, OutputSpec
 from hybrid_sd.schedulers import loop_index
@@ -56,7 +57,7 @@ def cloud_half(
     laps("encode_prompt")
     _between_stages(callback)
     end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
-    state = denoiser.denoise(state, end, callback)
+    state = denoiser.denoise(state, end, with_previews(callback, denoiser, request.preview_every))
     laps("cloud_denoise")
     payload = state_payload(state if edge is None else for_edge(state, edge))
     laps("handoff_encode")
@@ -82,7 +83,7 @@ def edge_half(
     laps("encode_prompt")
     _between_stages(callback)
     start_index = state.step_index
-    state = denoiser.denoise(state, state.loop_length, callback)
+    state = denoiser.denoise(state, state.loop_length, with_previews(callback, denoiser, state.request.preview_every))
     laps("edge_denoise")
     _between_stages(callback)
     result = EdgeResult(state.request, state.loop_length - start_index, laps.timings, EdgeProfile.of(denoiser))

@@ -24,6 +24,7 @@ class Progress:
     stage: str  # "cloud_denoise" or "edge_denoise"
     step: int
     total: int
+    preview_png: bytes = b""  # where the request asked for previews, every preview_every steps
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -66,7 +67,9 @@ class ComputeLane:
             if deadline is not None and time.time() > deadline:
                 raise DeadlineExceededError("deadline exceeded during denoising")
             if on_progress is not None and step:
-                loop.call_soon_threadsafe(on_progress, Progress(stage, step["step"] + 1, step["total"]))
+                preview = step["preview"]() if "preview" in step else b""  # rendered only for a listener
+                progress = Progress(stage, step["step"] + 1, step["total"], preview)
+                loop.call_soon_threadsafe(on_progress, progress)
 
         def guarded() -> T:
             nonlocal queued

@@ -32,6 +32,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    preview_every: int = 0  # a preview every n UNet evaluations of a stream; 0: none (the image is the same)
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad field; size and scheduler are checked later,
@@ -51,6 +52,7 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, 1, 16384)
+        _check_int("preview_every", self.preview_every, 0, MAX_STEPS)
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
             raise ValueError(f"scheduler must be a non-empty string or None, got {self.scheduler!r}")
 

@@ -81,6 +81,7 @@ def request_from_pb(message: pb.GenerateRequest) -> GenerationRequest:
         width=get("width"),
         height=get("height"),
         scheduler=message.scheduler or None,
+        preview_every=message.preview_every,
     )
     request.check()
     return request
@@ -100,6 +101,7 @@ def request_to_pb(request: GenerationRequest, template: pb.GenerateRequest | Non
             setattr(message, name, value)
     message.num_inference_steps = request.num_inference_steps
     message.scheduler = request.scheduler or ""
+    message.preview_every = request.preview_every
     return message
 
 
@@ -319,11 +321,11 @@ def decode_image(data: bytes) -> PIL.Image.Image | None:
 
 
 def progress_to_pb(progress: Progress) -> pb.Progress:
-    return pb.Progress(stage=progress.stage, step=progress.step, total=progress.total)
+    return pb.Progress(stage=progress.stage, step=progress.step, total=progress.total, preview_png=progress.preview_png)
 
 
 def progress_from_pb(message: pb.Progress) -> Progress:
-    return Progress(message.stage, message.step, message.total)
+    return Progress(message.stage, message.step, message.total, message.preview_png)
 
 
 def edge_profile_to_pb(profile: EdgeProfile) -> pb.EdgeProfile:

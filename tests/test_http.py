@@ -174,9 +174,9 @@ def sse_events(server, query: dict) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.parametrize("entry", ["gateway", "edge"])
-def test_sse_progress_then_result(cluster, entry):
+def test_sse_progress_with_previews_then_result(cluster, entry):
     query = {"prompt": "a circle", "num_inference_steps": 4, "switch_step": 2, "seed": 1, "scheduler": "euler"}
-    events = sse_events(cluster[entry], query)
+    events = sse_events(cluster[entry], {**query, "previewEvery": 2})
     progress = [(data["stage"], data["step"], data["total"]) for name, data in events if name == "progress"]
     assert progress == [
         ("cloud_denoise", 1, 4),
@@ -184,6 +184,10 @@ def test_sse_progress_then_result(cluster, entry):
         ("edge_denoise", 3, 4),
         ("edge_denoise", 4, 4),
     ]
+    previews = {data["step"]: data["preview_png"] for name, data in events if name == "progress"}
+    assert previews[1] == previews[3] == ""  # every 2 evaluations, from the cloud and from the edge
+    for step in (2, 4):
+        assert image_of(previews[step]).size[0] <= 64
     name, result = events[-1]
     assert name == "result" and image_of(result["image"]).size == (64, 64)
 
