@@ -40,4 +40,7 @@ if ! $runtime_only; then
   # Debian's docker-compose (1.29) resolves and validates the compose files against the Compose
   # specification. It is not a pip dependency: its PyPI release pins an old PyYAML and docker SDK.
   command -v docker-compose >/dev/null || apt_install docker-compose "the compose tests fail without it"
+  # Chromium and its WebDriver: tests/test_http.py drives the web page in a headless browser.
+  command -v chromium >/dev/null || apt_install chromium "the browser test skips without it"
+  command -v chromedriver >/dev/null || apt_install chromium-driver "the browser test skips without it"
 fi

@@ -1,5 +1,6 @@
 """The HTTP face on loopback: a real gateway (with its local Ray) and edge worker, each with HTTP on and a
-bearer token; JSON, server-sent events, A1111's txt2img, error statuses and /metrics."""
+bearer token; JSON, server-sent events, A1111's txt2img, error statuses, /metrics, and the page in a headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import grpc
 import PIL.Image
@@ -23,11 +25,13 @@ from hybrid_sd.limits import RequestLimits
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.web.statuses import error_of
+from tests.browser import chromium_driver
 from tests.serving import LoopThread, channel, free_port
 
 TOKEN = "s3cret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 LIMITS = RequestLimits(max_steps=1000)
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "out"
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +274,53 @@ def test_metrics_move_after_a_request(cluster):
         )
         >= 2
     )
+
+
+@pytest.mark.may_skip  # needs Debian's chromium and chromium-driver
+def test_the_page_in_a_real_browser(cluster):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver()
+    try:
+        browser.get(f"http://127.0.0.1:{cluster['gateway'].http_port}/")
+        browser.find_element(By.TAG_NAME, "summary").click()
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a red square")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("6")
+        browser.execute_script(
+            "const s = document.getElementById('switch_step'); s.value = 3; s.dispatchEvent(new Event('input'))"
+        )
+        browser.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(browser, 120)
+
+        def finished(driver) -> bool:
+            status = driver.find_element(By.ID, "status")
+            assert status.get_attribute("class") != "error", status.text
+            return status.text == "done"
+
+        wait.until(finished)
+        # the progress bar's last state: every UNet evaluation, the cloud's, then the edge's
+        cells = [cell.get_attribute("class") for cell in browser.find_elements(By.CSS_SELECTOR, "#progress span")]
+        assert set(cells) == {"cloud_denoise", "edge_denoise"} and cells == sorted(cells)
+        preview = browser.find_element(By.ID, "preview").get_attribute("src")
+        image = browser.find_element(By.ID, "image").get_attribute("src")
+        assert preview.startswith("data:image/png;base64,") and image.startswith("data:image/png;base64,")
+        assert image_of(image.split(",", 1)[1]).size == (64, 64)
+        assert "k = 3 of 6" in browser.find_element(By.ID, "caption").text
+        assert browser.find_elements(By.CSS_SELECTOR, "#timings span")
+        at = browser.find_element(By.ID, "compare_at")
+        at.clear()
+        at.send_keys("0, 50%, 100%")
+        browser.find_element(By.ID, "compare").click()
+        wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#comparison figure")) == 3)
+        captions = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "#comparison figcaption")]
+        assert [caption.split(":")[0] for caption in captions] == ["k = 0", "k = 3", "k = 6"]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOTS / "page.png"))
+    finally:
+        browser.quit()
