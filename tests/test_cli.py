@@ -48,7 +48,7 @@ def test_generate_writes_image_latents_and_json(tmp_path, capsys, pairs):
     assert summary["seed"] == 42 and summary["switch_step"] == 2
     assert summary["unet_evaluations"] == {"cloud": 2, "edge": 3}
     assert summary["handoff_bytes"] > 0
-    assert {"cloud_denoise", "edge_denoise", "decode", "total"} <= set(summary["timings_s"])
+    assert {"cloud_denoise", "edge_denoise", "vae_decode", "total"} <= set(summary["timings_s"])
     assert PIL.Image.open(out).size == (64, 64)
     expected = HybridPipeline(pairs["shapes"])(  # the default pair
         GenerationRequest("a blue circle", "blurry", switch_step=2, num_inference_steps=5, seed=42, scheduler="dpm++2m")
