@@ -109,7 +109,7 @@ def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
 
 
 def _heldout_captions(count: int) -> list[str]:
-    from hybrid_sd.shapes.evaluate import heldout_captions
+    from hybrid_sd.shapes_pair.evaluate import heldout_captions
 
     return heldout_captions(count)
 
@@ -348,7 +348,7 @@ def run_export(args: argparse.Namespace) -> None:
     from hybrid_sd.cli import named_pair
     from hybrid_sd.pairs import load_pair
     from hybrid_sd.pipeline import HybridPipeline
-    from hybrid_sd.shapes.evaluate import HeldoutSet
+    from hybrid_sd.shapes_pair.evaluate import HeldoutSet
 
     if args.edge_bundle is None:
         raise ValueError("--edge-bundle (the bundle to export) is required")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train-shapes`` and ``evaluate-shapes`` to the ``hybrid-sd`` subcommands."""
-    from hybrid_sd.shapes.train_config import TrainConfig
+    from hybrid_sd.shapes_pair.train_config import TrainConfig
 
     train = commands.add_parser("train-shapes", help="train the shapes pair (seeded, CPU), evaluate it, write its card")
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
@@ -31,13 +31,13 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from hybrid_sd.shapes.train_config import TrainConfig
+    from hybrid_sd.shapes_pair.train_config import TrainConfig
     from hybrid_sd.user_files import output_folder
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
     output_folder(args.out)  # both before an hour of training
     output_folder(args.sweep_out, "--sweep-out")
-    from hybrid_sd.shapes.train_pair import train
+    from hybrid_sd.shapes_pair.train_pair import train
 
     train(args.out, config)
     _evaluate(args.out, args)
@@ -52,8 +52,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def _evaluate(pair: Path, args: argparse.Namespace) -> None:
     from hybrid_sd.cli import quiet_libraries
-    from hybrid_sd.shapes.evaluate import evaluate
-    from hybrid_sd.shapes.model_card import write_model_card
+    from hybrid_sd.shapes_pair.evaluate import evaluate
+    from hybrid_sd.shapes_pair.model_card import write_model_card
 
     quiet_libraries(args)
     evaluate(pair, args.sweep_out, args.eval_prompts)

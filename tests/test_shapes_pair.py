@@ -14,8 +14,8 @@ from hybrid_sd.pairs import embedded_spec, load_pair, preset
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.presets import DEFAULT_PAIR, EMBEDDED_PRESETS
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.evaluate import HeldoutSet, gap_recovered
-from hybrid_sd.shapes.model_card import write_model_card
+from hybrid_sd.shapes_pair.evaluate import HeldoutSet, gap_recovered
+from hybrid_sd.shapes_pair.model_card import write_model_card
 
 PAIR_DIR = EMBEDDED_PRESETS["shapes"]
 STEPS = 20
