@@ -17,7 +17,7 @@ import torch
 
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.shapes.evaluate import HeldoutSet
+from hybrid_sd.shapes_pair.evaluate import HeldoutSet
 
 STEPS = 20
 RESULTS = Path(__file__).parent / "results" / "edge_quant.json"

@@ -17,7 +17,7 @@ import torch
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.evaluate import heldout_captions
+from hybrid_sd.shapes_pair.evaluate import heldout_captions
 
 STEPS = 20
 RESULTS = Path(__file__).parent / "results" / "shapes_pair.json"
