@@ -23,14 +23,10 @@ import torch
 from hybrid_sd import orchestrate
 from hybrid_sd.credentials import Security
 from hybrid_sd.denoiser import Denoiser
-from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.halves import LocalEdge
-from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_edge
 from hybrid_sd.presets import PairSpec
-from hybrid_sd.request import GenerationRequest
-from hybrid_sd.results import EdgeResult, Handoff, OutputSpec
 from hybrid_sd.rpc_clients import GrpcCloudClient, open_channel
 from hybrid_sd.rpc_server import EDGE_REFINER, HYBRID_DIFFUSION, RunningServer, deadline_of, start_server
 from hybrid_sd.streams import as_events
@@ -83,23 +79,6 @@ class EdgeWorker:
         denoiser.text_encoder_id  # noqa: B018 - fingerprint the text encoders now, not in the first Describe
         return denoiser
 
-    def _loaded(self) -> LocalEdge:
-        if self.half is None:
-            raise RuntimeError("the edge model is not loaded")
-        return self.half
-
-    async def describe(self, deadline: float | None = None) -> EdgeProfile:
-        return await self._loaded().describe(deadline)
-
-    async def refine(
-        self,
-        start: Handoff | GenerationRequest,
-        output: OutputSpec,
-        deadline: float | None = None,
-        on_progress: ProgressCallback | None = None,
-    ) -> EdgeResult:
-        return await self._loaded().refine(start, output, deadline, on_progress)
-
     def close(self) -> None:
         if self.half is not None:
             self.half.lane.shutdown()
@@ -116,19 +95,19 @@ class EdgeRefinerServicer(pb_grpc.EdgeRefinerServicer):
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.EdgeProfile:
         await _unless_loading(context, self.worker)
-        return edge_profile_to_pb(await self.worker.describe())
+        return edge_profile_to_pb(await self.worker.half.describe())
 
     async def Refine(self, request: pb.RefineRequest, context: grpc.aio.ServicerContext) -> pb.ImageResult:
         await _unless_loading(context, self.worker)
         start, output = refine_from_pb(request)
-        return edge_result_to_pb(await self.worker.refine(start, output, deadline_of(context)))
+        return edge_result_to_pb(await self.worker.half.refine(start, output, deadline_of(context)))
 
     async def RefineStream(
         self, request: pb.RefineRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RefineEvent]:
         await _unless_loading(context, self.worker)
         start, output = refine_from_pb(request)
-        call = partial(self.worker.refine, start, output, deadline_of(context))
+        call = partial(self.worker.half.refine, start, output, deadline_of(context))
         async for event in as_events(call, pb.RefineEvent, "result", edge_result_to_pb):
             yield event
 
@@ -147,7 +126,7 @@ class EdgeHybridDiffusionServicer(pb_grpc.HybridDiffusionServicer):
             orchestrate.generate,
             request,
             self.worker.cloud,
-            self.worker,
+            self.worker.half,
             options,
             deadline=deadline_of(context),
             cloud_deadline=None if timeout is None else time.time() + timeout,
