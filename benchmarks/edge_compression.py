@@ -53,7 +53,7 @@ from hybrid_sd.lowbit import PackedWeight, QuantConfig, quantize_model, quantize
 from hybrid_sd.lowbit.onednn import onednn_available
 
 try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.edge_compression``, the root is
-    from reporting import print_table, relative_error
+    from reporting import interleaved_times, print_table, relative_error
     from sd_architectures import (
         HYBRID_SD_PRUNED_PARAMS,
         SD15_UNET_CONFIG,
@@ -62,7 +62,7 @@ try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.e
         prune_to_params,
     )
 except ModuleNotFoundError:
-    from benchmarks.reporting import print_table, relative_error
+    from benchmarks.reporting import interleaved_times, print_table, relative_error
     from benchmarks.sd_architectures import (
         HYBRID_SD_PRUNED_PARAMS,
         SD15_UNET_CONFIG,
@@ -88,20 +88,11 @@ def time_interleaved(
     candidates: dict[str, Callable[[], object]], repeats: int, warmup: bool = True
 ) -> dict[str, dict[str, Any]]:
     """Median ms (and every run's) of each candidate, warmed up once, the order rotating every repeat."""
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        if warmup:
-            for name in names:
-                candidates[name]()
-        for repeat in range(repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                candidates[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        times = interleaved_times(candidates, repeats, warmup=int(warmup))
     return {
-        name: {"ms": statistics.median(runs), "runs_ms": [round(t, 1) for t in runs]} for name, runs in times.items()
+        name: {"ms": statistics.median(runs) * 1e3, "runs_ms": [round(t * 1e3, 1) for t in runs]}
+        for name, runs in times.items()
     }
 
 

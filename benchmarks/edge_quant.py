@@ -10,14 +10,19 @@ import argparse
 import copy
 import json
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.shapes.evaluate import HeldoutSet
+from hybrid_sd.shapes_pair.evaluate import HeldoutSet
+
+try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.edge_quant``, the root is
+    from reporting import interleaved_times
+except ModuleNotFoundError:
+    from benchmarks.reporting import interleaved_times
 
 STEPS = 20
 RESULTS = Path(__file__).parent / "results" / "edge_quant.json"
@@ -27,14 +32,6 @@ METHODS = {
     "W4A16 group 32": QuantConfig(weight_bits=4, activation_bits=16, group_size=32, symmetric=False),
     "W4A8 group 32": QuantConfig(weight_bits=4, activation_bits=8, group_size=32, symmetric=False),
 }
-
-
-def call_time(unet: torch.nn.Module, inputs: tuple, repeats: int = 5) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        for _ in range(repeats):
-            unet(*inputs)
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:
@@ -51,10 +48,8 @@ def main() -> None:
         reports[name] = quantize_model(unets[name], config)
     context = torch.randn(2, 32, float_unet.config.cross_attention_dim)
     inputs = (torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), context)
-    times: dict[str, list[float]] = {name: [] for name in unets}
-    for _ in range(args.repeats):
-        for name, unet in unets.items():
-            times[name].append(call_time(unet, inputs))
+    with torch.no_grad():
+        times = interleaved_times({name: partial(unet, *inputs) for name, unet in unets.items()}, args.repeats, inner=5)
     heldout = HeldoutSet(args.prompts)
     rows = {}
     for name, unet in unets.items():

@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,8 @@ from hybrid_sd.schedulers import make_scheduler
 from hybrid_sd.tiny_models import build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reference import pipeline_kwargs  # noqa: E402  (the repository root is not a package)
+from benchmarks.reporting import interleaved_times  # noqa: E402  (the repository root is not a package)
+from tests.reference import pipeline_kwargs  # noqa: E402
 
 # Architecture of runwayml/stable-diffusion-v1-5 (unet/, vae/ and CLIP ViT-L/14 text configs).
 SD15_UNET = dict(
@@ -94,14 +94,10 @@ def measure(name: str, engine: HybridPipeline, reference: DiffusionPipeline, req
     reference.set_progress_bar_config(disable=True)
     # Warm-up (also checks that both compute the same image).
     same = engine(request).image.tobytes() == diffusers_call(reference, request).tobytes()
-    engine_times, diffusers_times = [], []
-    for i in range(repeats):
-        # Alternate the order so that drift on a noisy machine hits both sides alike.
-        order = [("engine", engine_times), ("diffusers", diffusers_times)]
-        for label, times in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            engine(request) if label == "engine" else diffusers_call(reference, request)
-            times.append(time.perf_counter() - start)
+    times = interleaved_times(
+        {"engine": lambda: engine(request), "diffusers": lambda: diffusers_call(reference, request)}, repeats, warmup=0
+    )
+    engine_times, diffusers_times = times["engine"], times["diffusers"]
     engine_median, diffusers_median = statistics.median(engine_times), statistics.median(diffusers_times)
     return {
         "case": name,

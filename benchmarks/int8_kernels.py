@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,11 @@ from torch import nn
 
 from hybrid_sd.lowbit import QuantConfig, QuantConv2d, QuantLinear
 from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
+
+try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.int8_kernels``, the root is
+    from reporting import interleaved_times
+except ModuleNotFoundError:
+    from benchmarks.reporting import interleaved_times
 
 ONEDNN = QuantConfig(8, 8, kernel="onednn")
 METHODS = ("fp32", "bf16", "w8a8", "onednn", "onednn_static", "int_mm")
@@ -62,22 +66,6 @@ CONV_SHAPES = [
 ]
 QUICK_LINEAR = {"256px attn 320", "256px ff-out 320"}
 QUICK_CONV = {"256px conv3x3 640"}
-
-
-def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each candidate, warmed up once, the order rotating every repeat."""
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for name in names:
-            candidates[name]()
-        for repeat in range(repeats):
-            shift = repeat % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                candidates[name]()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def linear_case(tokens: int, in_features: int, out_features: int) -> dict[str, Callable[[], object]]:
@@ -147,7 +135,9 @@ def main() -> None:
     print(f"{'layer':26} {'shape':22}" + "".join(f" {method + ' ms':>16}" for method in METHODS), end="")
     print("".join(f" {method + ' x':>15}" for method in METHODS[1:]))
     for name, shape, candidates in cases:
-        medians = time_interleaved(candidates, repeats)
+        with torch.inference_mode():
+            times = interleaved_times(candidates, repeats)
+        medians = {key: statistics.median(values) for key, values in times.items()}
         row = {"layer": name, "shape": shape, **{f"{key}_ms": value * 1e3 for key, value in medians.items()}}
         row.update({f"{key}_speedup": medians["fp32"] / medians[key] for key in METHODS[1:]})
         rows.append(row)

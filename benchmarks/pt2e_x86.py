@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ from compression.prune import count_params
 from hybrid_sd.lowbit import QuantConfig, quantize_model
 
 try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.pt2e_x86``, the root is
+    from reporting import interleaved_times
     from sd_architectures import HYBRID_SD_PRUNED_PARAMS, SD15_UNET_CONFIG, bk_sdm_small, prune_to_params
 except ModuleNotFoundError:
+    from benchmarks.reporting import interleaved_times
     from benchmarks.sd_architectures import HYBRID_SD_PRUNED_PARAMS, SD15_UNET_CONFIG, bk_sdm_small, prune_to_params
 
 RESULTS = Path(__file__).parent / "results" / "pt2e_x86.json"
@@ -171,10 +174,8 @@ def main() -> None:
             rows[name] = row
             modules[name] = (module, method.inputs)
             print(f"{name}: prepared in {prepare_s:.1f}s, first call {first_call_s:.1f}s, then {warm_call_s:.2f}s")
-        times: dict[str, list[float]] = {name: [] for name in modules}
-        for _ in range(args.repeats):
-            for name, (module, method_inputs) in modules.items():
-                times[name].append(timed_call(module, method_inputs)[0])
+        calls = {name: partial(module, *method_inputs) for name, (module, method_inputs) in modules.items()}
+        times = interleaved_times(calls, args.repeats, warmup=0)
     base = statistics.median(times["fp32 eager"])
     for name, samples in times.items():
         rows[name].update(step_s=statistics.median(samples), steps_s=samples, speedup=base / statistics.median(samples))

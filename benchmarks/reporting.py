@@ -1,10 +1,32 @@
-"""What the SD-scale benchmarks share: a plain text table and the relative error of an output."""
+"""What the benchmarks share: interleaved timing, a plain text table and the relative error of an output."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
+
+
+def interleaved_times(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, inner: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each of ``repeats`` rounds (the mean of ``inner`` calls), after
+    ``warmup`` untimed calls each; the order rotates every round, so that drift on a noisy machine hits all
+    alike (two variants alternate)."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for _ in range(inner):
+                variants[name]()
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine_overhead import sd15_random_pipeline  # noqa: E402
+from benchmarks.reporting import interleaved_times  # noqa: E402
 from hybrid_sd.conditioning import Conditioning  # noqa: E402
 from hybrid_sd.denoiser import Denoiser  # noqa: E402
 from hybrid_sd.edge_profile import EdgeProfile, for_edge  # noqa: E402
@@ -79,18 +80,12 @@ def overhead(name: str, engine: HybridPipeline, pair: list[str], request: Genera
     message = request_to_pb(request)
     message.output_format = pb.OUTPUT_FORMAT_PNG
     try:
-        engine(request), stub.Generate(message)  # warm-up
-        local, served, handoff_bytes = [], [], 0
-        for i in range(repeats):
-            order = ["local", "served"] if i % 2 == 0 else ["served", "local"]
-            for side in order:
-                started = time.perf_counter()
-                if side == "local":
-                    engine(request)
-                    local.append(time.perf_counter() - started)
-                else:
-                    handoff_bytes = stub.Generate(message).handoff_bytes
-                    served.append(time.perf_counter() - started)
+        engine(request)  # warm-up
+        handoff_bytes = stub.Generate(message).handoff_bytes
+        times = interleaved_times(
+            {"local": lambda: engine(request), "served": lambda: stub.Generate(message)}, repeats, 0
+        )
+        local, served = times["local"], times["served"]
     finally:
         leave()
     local_median, served_median = statistics.median(local), statistics.median(served)

@@ -10,23 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.evaluate import heldout_captions
+from hybrid_sd.shapes_pair.evaluate import heldout_captions
+
+try:  # run as a script, benchmarks/ is on sys.path; as ``python -m benchmarks.shapes_pair``, the root is
+    from reporting import interleaved_times
+except ModuleNotFoundError:
+    from benchmarks.reporting import interleaved_times
 
 STEPS = 20
 RESULTS = Path(__file__).parent / "results" / "shapes_pair.json"
-
-
-def timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -49,13 +47,15 @@ def main() -> None:
     }
     for k in modes.values():  # warm-up
         pipeline(GenerationRequest(prompts[0], switch_step=k, num_inference_steps=STEPS, seed=0))
-    samples: dict[str, list[float]] = {name: [] for name in [*modes, *parts]}
-    for repeat, prompt in enumerate(prompts):
-        for name, k in modes.items():
-            request = GenerationRequest(prompt, switch_step=k, num_inference_steps=STEPS, seed=repeat)
-            samples[name].append(timed(lambda request=request: pipeline(request)))
-        for name, call in parts.items():
-            samples[name].append(min(timed(call) for _ in range(5)))
+    # Each round a new prompt and seed, the same for every mode.
+    requests = {
+        name: iter(
+            [GenerationRequest(p, switch_step=k, num_inference_steps=STEPS, seed=i) for i, p in enumerate(prompts)]
+        )
+        for name, k in modes.items()
+    }
+    samples = interleaved_times({name: lambda r=r: pipeline(next(r)) for name, r in requests.items()}, args.repeats, 0)
+    samples |= interleaved_times(parts, args.repeats, inner=5)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     print(f"shapes pair, {STEPS} steps, 64x64, {torch.get_num_threads()} threads, {args.repeats} repeats (medians)")
     print(f"{'what':<28} {'seconds':>10} {'vs large only':>14}")

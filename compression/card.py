@@ -15,7 +15,7 @@ from hybrid_sd.bundle import Bundle, folder_bytes
 from hybrid_sd.metrics import psnr, ssim
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.evaluate import HeldoutSet
+from hybrid_sd.shapes_pair.evaluate import HeldoutSet
 
 
 def unet_cost(float_unet: UNet2DConditionModel) -> dict:

@@ -313,7 +313,7 @@ def run_export(args: argparse.Namespace) -> None:
     from compression.card import carried_card, measure_quality
     from hybrid_sd.pairs import load_pair
     from hybrid_sd.pipeline import HybridPipeline
-    from hybrid_sd.shapes.evaluate import HeldoutSet
+    from hybrid_sd.shapes_pair.evaluate import HeldoutSet
 
     if args.edge_bundle is None:
         raise ValueError("--edge-bundle (the bundle to export) is required")

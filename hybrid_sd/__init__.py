@@ -6,15 +6,16 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hybrid_sd.pipeline import GenerationResult, HybridPipeline
+    from hybrid_sd.pipeline import HybridPipeline
     from hybrid_sd.request import GenerationRequest
+    from hybrid_sd.results import GenerationResult
     from hybrid_sd.state import HybridState
 
 # Imported on first use (PEP 562), so that the command line answers --help and argument errors
 # without loading torch and diffusers.
 _EXPORTS = {
     "GenerationRequest": "hybrid_sd.request",
-    "GenerationResult": "hybrid_sd.pipeline",
+    "GenerationResult": "hybrid_sd.results",
     "HybridPipeline": "hybrid_sd.pipeline",
     "HybridState": "hybrid_sd.state",
 }

@@ -7,10 +7,14 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
+from compression.card import unet_cost
 from compression.prune.calibration import Calibration
 from compression.quantize import calibrate
 from hybrid_sd.bundle import bundle_spec, read_bundle
@@ -81,7 +85,7 @@ def bundles(tmp_path_factory, pairs) -> dict:
     return paths
 
 
-def test_each_action_writes_a_bundle_that_records_its_history(bundles):
+def test_each_action_writes_a_bundle_that_records_its_history(bundles, pairs):
     expected = {
         "w8a8": ["quantize"],
         "pruned": ["prune"],
@@ -90,11 +94,17 @@ def test_each_action_writes_a_bundle_that_records_its_history(bundles):
         "tiny": ["prune", "distill", "quantize", "tiny-vae"],
         "export": ["prune", "distill", "quantize", "tiny-vae", "export"],
     }
+    macs = {}
     for name, history in expected.items():
         bundle = read_bundle(bundles[name])
         assert [step["action"] for step in bundle.history] == history
-        assert bundle.card["history"] == history and bundle.card["unet_bytes"] > 0
-        assert bundle.card["macs_per_unet_step"] > 0
+        assert bundle.card["history"] == history
+        assert bundle.card["unet_bytes"] == sum(path.stat().st_size for path in bundle.unet.rglob("*.safetensors"))
+        macs[name] = bundle.card["macs_per_unet_step"]
+    # Quantization keeps the multiply-accumulates; pruning cuts them, and the later actions keep its architecture.
+    assert macs["w8a8"] == unet_cost(pairs["shapes"].edge.pipe.unet)["macs_per_unet_step"]
+    assert 0 < macs["pruned"] < macs["w8a8"]
+    assert {macs[name] for name in ("distilled", "onednn", "tiny", "export")} == {macs["pruned"]}
 
 
 def test_the_cards_report_what_each_action_did(bundles, pairs):
@@ -153,10 +163,18 @@ def test_the_quantized_edge_half_is_deterministic(bundles):
 
 
 def test_generate_and_serve_take_a_bundle(bundles, tmp_path, capsys):
-    out = tmp_path / "bundle.png"
+    out, latents = tmp_path / "bundle.png", tmp_path / "latents.safetensors"
     command = ["generate", "--prompt", "a large red circle", "--steps", "4", "--seed", "1"]
-    assert main([*command, "--edge-bundle", str(bundles["export"]), "--out", str(out)]) == 0
-    assert out.stat().st_size > 0
+    assert (
+        main([*command, "--edge-bundle", str(bundles["export"]), "--out", str(out), "--latents-out", str(latents)]) == 0
+    )
+    # What the bundle's pair computes in-process for the same request (its edge half is deterministic).
+    pair = load_pair(bundle_spec(preset("shapes"), bundles["export"]))
+    expected = HybridPipeline(pair)(GenerationRequest("a large red circle", num_inference_steps=4, seed=1))
+    assert torch.equal(load_file(latents)["latents"], expected.latents)
+    with Image.open(out) as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (64, 64))
+        assert np.array_equal(np.asarray(image), np.asarray(expected.image))
     assert main(["serve", "edge", "--bundle", str(bundles["export"]), "--check"]) == 0
     assert str(bundles["export"] / "unet") in capsys.readouterr().out
     assert main([*command, "--edge-bundle", str(tmp_path), "--out", str(out)]) == 2

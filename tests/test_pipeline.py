@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.request import GenerationRequest
+from hybrid_sd.request import MAX_SEED, GenerationRequest
 from hybrid_sd.results import STAGES
 
 STEPS = 6
@@ -55,8 +55,10 @@ def test_unet_evaluations_per_side(counted, scheduler, switch_step, cloud_calls,
 
 
 def test_result_reports_resolved_request(pairs):
-    result = HybridPipeline(pairs["sd1"])(GenerationRequest("a circle", num_inference_steps=5))
-    assert result.request.seed is not None
+    pipeline = HybridPipeline(pairs["sd1"])
+    result = pipeline(GenerationRequest("a circle", num_inference_steps=5))
+    assert type(result.request.seed) is int and 0 <= result.request.seed <= MAX_SEED
+    assert torch.equal(pipeline(result.request).latents, result.latents)  # the reported seed reproduces the run
     assert result.request.switch_step == 2  # 40% of 5
     assert (result.request.width, result.request.height) == (64, 64)  # sample_size 8 x VAE factor 8
     assert result.request.scheduler == "PNDMScheduler"

@@ -19,7 +19,7 @@ from hybrid_sd.shapes.features import (
     load_feature_net,
     shapes_fid,
 )
-from hybrid_sd.shapes.train_features import evaluate
+from hybrid_sd.shapes_pair.train_features import evaluate
 
 SAMPLE = 256
 

@@ -7,6 +7,7 @@ import csv
 import json
 from collections import Counter
 
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -83,12 +84,27 @@ def test_sweep_writes_rows_summary_plots_and_report(tmp_path, runner):
             assert stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
     assert "psnr" not in written["switch_steps"][str(STEPS)]["metrics"]
 
-    for name in ("quality_vs_k.png", "cost_vs_k.png", "grid.png"):
-        with PIL.Image.open(tmp_path / name) as image:
-            image.verify()
-    assert PIL.Image.open(tmp_path / "grid.png").size == (32 + 64 * len(KS), 16 + 64 * len(PROMPTS))
+    for k in KS:  # the summary is of the rows
+        at_k = [float(row["adherence"]) for row in rows if int(row["switch_step"]) == k]
+        assert written["switch_steps"][str(k)]["metrics"]["adherence"]["mean"] == pytest.approx(sum(at_k) / len(at_k))
+
+    for name, size in (("quality_vs_k.png", (600, 400)), ("cost_vs_k.png", (900, 400))):
+        with PIL.Image.open(tmp_path / name) as plot:
+            assert plot.format == "PNG" and plot.size == size
+            assert np.asarray(plot.convert("L")).std() > 0  # something is drawn
+    with PIL.Image.open(tmp_path / "grid.png") as grid:
+        grid = grid.convert("RGB")
+    assert grid.size == (32 + 64 * len(KS), 16 + 64 * len(PROMPTS))
+    for index in range(len(PROMPTS)):  # prompts by k, each cell the first seed's image
+        for column, k in enumerate(KS):
+            cell = grid.crop((32 + 64 * column, 16 + 64 * index, 32 + 64 * (column + 1), 16 + 64 * (index + 1)))
+            with PIL.Image.open(tmp_path / "images" / f"p{index}_s0_k{k}.png") as image:
+                assert np.array_equal(np.asarray(cell), np.asarray(image.convert("RGB"))), (index, k)
     report = (tmp_path / "report.md").read_text()
     assert all(f"({name})" in report for name in ("quality_vs_k.png", "cost_vs_k.png", "grid.png"))
+    for k in KS:
+        cloud_share = f"{written['switch_steps'][str(k)]['cloud_fraction']:.0%}"
+        assert f"\n| {k} | {len(PROMPTS) * 2} | {cloud_share} | " in report, k
 
 
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, runner):
@@ -155,8 +171,24 @@ def test_cli_sweep_in_process(tmp_path, capsys, pair_specs):
     args.handler(args)
     printed = capsys.readouterr().out
     assert str(out / "report.md") in printed
-    assert (out / "report.md").exists()
-    assert len(read_rows(out)) == 2
+    rows = read_rows(out)
+    assert sorted((row["prompt"], row["seed"], row["switch_step"]) for row in rows) == [
+        ("a small green triangle", "3", "0"),
+        ("a small green triangle", "3", "2"),
+    ]
+    for row in rows:
+        assert (row["num_inference_steps"], row["scheduler"]) == ("2", "euler")
+        k = int(row["switch_step"])
+        assert (int(row["cloud_unet_evaluations"]), int(row["edge_unet_evaluations"])) == (k, 2 - k)
+        assert 0.0 <= float(row["adherence"]) <= 1.0
+        assert PIL.Image.open(out / row["image"]).size == (64, 64)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == ["a small green triangle"] and summary["seeds"] == [3]
+    assert {k: entry["n"] for k, entry in summary["switch_steps"].items()} == {"0": 1, "2": 1}
+    report = (out / "report.md").read_text()
+    assert (
+        "- p0: a small green triangle" in report and "\n| 0 | 1 | 0% | " in report and "\n| 2 | 1 | 100% | " in report
+    )
 
     with pytest.raises(ValueError, match="--seeds"):
         bad = sweep_args("--switch-steps", "0", "--prompts", str(prompts), "--seeds", "1,x", "--out", str(out))

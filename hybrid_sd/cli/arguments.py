@@ -142,7 +142,7 @@ def read_prompts(value: str | None, flag: str = "--prompts") -> list[str]:
 
 
 def _heldout_captions(count: int) -> list[str]:
-    from hybrid_sd.shapes.evaluate import heldout_captions
+    from hybrid_sd.shapes_pair.evaluate import heldout_captions
 
     return heldout_captions(count)
 

@@ -27,12 +27,12 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, reported in --json)")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     generate.add_argument("--guidance-rescale", type=float, default=0.0)
-    generate.add_argument("--width", type=int, help="default: the cloud model's native size")
-    generate.add_argument("--height", type=int, help="default: the cloud model's native size")
+    generate.add_argument("--width", type=int, help="default: the edge model's native size")
+    generate.add_argument("--height", type=int, help="default: the edge model's native size")
     generate.add_argument(
         "--scheduler",
         help=f"a diffusers scheduler class name or an alias ({', '.join(SCHEDULER_ALIASES)});"
-        " default: the cloud model's own",
+        " default: the edge model's own",
     )
     add_model_arguments(generate)
     generate.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg or .webp)")

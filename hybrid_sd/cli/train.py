@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from hybrid_sd.cli.arguments import quiet_libraries
-from hybrid_sd.shapes.train_config import TrainConfig  # data only: the shapes package brings numpy, not torch
+from hybrid_sd.shapes_pair.train_config import TrainConfig  # data only: no torch
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def run_train(args: argparse.Namespace) -> None:
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
     output_folder(args.out)  # both before an hour of training
     output_folder(args.sweep_out, "--sweep-out")
-    from hybrid_sd.shapes.train_pair import train
+    from hybrid_sd.shapes_pair.train_pair import train
 
     train(args.out, config)
     _evaluate(args.out, args)
@@ -51,8 +51,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(pair: Path, args: argparse.Namespace) -> None:
-    from hybrid_sd.shapes.evaluate import evaluate
-    from hybrid_sd.shapes.model_card import write_model_card
+    from hybrid_sd.shapes_pair.evaluate import evaluate
+    from hybrid_sd.shapes_pair.model_card import write_model_card
 
     quiet_libraries(args)
     evaluate(pair, args.sweep_out, args.eval_prompts)

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.modules.utils import _pair
 
+from hybrid_sd.lowbit.base import LowBitConv2d, LowBitLayer, LowBitLinear
 from hybrid_sd.lowbit.config import SCALE_DTYPES, QuantConfig
 from hybrid_sd.lowbit.int8 import int8_linear, quantize_activations
 from hybrid_sd.lowbit.packing import packed_length
 from hybrid_sd.lowbit.weights import PackedWeight, QuantizedWeight, group_count, group_length, quantize_weight
 
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
-
-class _QuantLayer(nn.Module):
+class _QuantLayer(LowBitLayer):
     """Buffers and run-time helpers shared by the quantized layers: one ``(out, row)`` weight matrix."""
 
     def __init__(self, out_features: int, row_length: int, bias: bool, config: QuantConfig | None) -> None:
@@ -95,22 +92,8 @@ class _QuantLayer(nn.Module):
         return f"{self.config.mode}, weight=({out_features}, {row_length}), group_size={self.group_size}, {symmetry}"
 
 
-class QuantLinear(_QuantLayer):
+class QuantLinear(LowBitLinear, _QuantLayer):
     """A quantized ``nn.Linear``; see the module docstring for the A16 and A8 paths."""
-
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, config: QuantConfig | None = None
-    ) -> None:
-        super().__init__(out_features, in_features, bias, config)
-        self.in_features, self.out_features = in_features, out_features
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig, weights: bool = True) -> QuantLinear:
-        """The quantized form of ``linear``; ``weights=False`` gives the shapes only, for a state dict to fill."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
-        if weights:
-            layer.set_weight(linear.weight, linear.bias)
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.activation_bits == 16:
@@ -121,67 +104,9 @@ class QuantLinear(_QuantLayer):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class QuantConv2d(_QuantLayer):
-    """A quantized ``nn.Conv2d`` with its stride, padding (numbers, ``"same"``, ``"valid"``, any
-    padding mode), dilation and groups."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        config: QuantConfig | None = None,
-    ) -> None:
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups must divide in_channels and out_channels, got {groups}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
-        super().__init__(out_channels, in_channels // groups * self.kernel_size[0] * self.kernel_size[1], bias, config)
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.padding_mode = padding_mode
-        self._pad = self._explicit_padding()
-
-    def _explicit_padding(self) -> tuple[int, int, int, int]:
-        """(left, right, top, bottom) amounts for ``F.pad``, as ``nn.Conv2d`` pads."""
-        if self.padding == "valid":
-            return (0, 0, 0, 0)
-        if self.padding == "same":
-            if self.stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
-            (top, bottom), (left, right) = ((t // 2, t - t // 2) for t in totals)
-            return (left, right, top, bottom)
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {self.padding!r}")
-        height, width = self.padding
-        return (width, width, height, height)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, weights: bool = True) -> QuantConv2d:
-        """The quantized form of ``conv``; ``weights=False`` gives the shapes only, for a state dict to fill."""
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            config,
-        )
-        if weights:
-            layer.set_weight(conv.weight, conv.bias)
-        return layer
+class QuantConv2d(LowBitConv2d, _QuantLayer):
+    """A quantized ``nn.Conv2d`` with its stride, padding (numbers, ``"same"``, ``"valid"``, any padding
+    mode), dilation and groups; see the module docstring for the A16 and A8 paths."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
+from hybrid_sd.lowbit.base import LowBitConv2d, LowBitLayer, LowBitLinear
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.weights import quantize_weight
 
@@ -43,7 +43,7 @@ def input_qparams(low: float, high: float) -> tuple[float, int]:
     return scale, int(min(max(round(-low / scale), 0), INPUT_CODE_MAX))
 
 
-class _OneDnnLayer(nn.Module):
+class _OneDnnLayer(LowBitLayer):
     """Buffers shared by the oneDNN layers: int8 weight codes, float32 per-channel scales, the bias and
     the input's quantization parameters. The packed weight the kernel reads is built from the codes on
     first use (and again after a state dict is loaded)."""
@@ -111,22 +111,8 @@ class _OneDnnLayer(nn.Module):
         return f"W8A8 oneDNN, weight={self.weight_shape}, {scales} input scale"
 
 
-class OneDnnLinear(_OneDnnLayer):
+class OneDnnLinear(LowBitLinear, _OneDnnLayer):
     """A W8A8 ``nn.Linear`` on ``onednn::qlinear_pointwise``; float32 in and out."""
-
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, config: QuantConfig | None = None
-    ) -> None:
-        super().__init__(out_features, in_features, bias, config)
-        self.in_features, self.out_features = in_features, out_features
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig, weights: bool = True) -> OneDnnLinear:
-        """The quantized form of ``linear``; ``weights=False`` gives the shapes only, for a state dict to fill."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
-        if weights:
-            layer.set_weight(linear.weight, linear.bias)
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
@@ -150,46 +136,17 @@ class OneDnnLinear(_OneDnnLayer):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class OneDnnConv2d(_OneDnnLayer):
+class OneDnnConv2d(LowBitConv2d, _OneDnnLayer):
     """A W8A8 ``nn.Conv2d`` (zero padding) on ``onednn::qconv2d_pointwise``; float32 in and out,
     channels-last output."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        config: QuantConfig | None = None,
-    ) -> None:
-        self.kernel_size = _pair(kernel_size)
-        super().__init__(out_channels, in_channels // groups * self.kernel_size[0] * self.kernel_size[1], bias, config)
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+    PADDING_MODES = ("zeros",)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, weights: bool = True) -> OneDnnConv2d:
-        """The quantized form of ``conv``; ``weights=False`` gives the shapes only, for a state dict to fill."""
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"padding: oneDNN layers take numeric zero padding, got {conv.padding!r}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            config,
-        )
-        if weights:
-            layer.set_weight(conv.weight, conv.bias)
-        return layer
+    def float_arguments(cls, layer: nn.Conv2d) -> tuple:
+        if isinstance(layer.padding, str):
+            raise ValueError(f"padding: oneDNN layers take numeric zero padding, got {layer.padding!r}")
+        return super().float_arguments(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:

@@ -15,7 +15,7 @@ from torch import nn
 from hybrid_sd.shapes.dataset import COLORS, SHAPE_COUNTS, SHAPES, Scene
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "feature_net.safetensors"
-TRAIN_COMMAND = "python -m hybrid_sd.shapes.train_features --out hybrid_sd/shapes/weights/feature_net.safetensors"
+TRAIN_COMMAND = "python -m hybrid_sd.shapes_pair.train_features --out hybrid_sd/shapes/weights/feature_net.safetensors"
 IMAGE_SIZE = 64  # the side the net was trained at; other sizes are resized to it
 FEATURE_DIM = 96
 WIDTHS = (16, 32, 64, FEATURE_DIM)

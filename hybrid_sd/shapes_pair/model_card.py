@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hybrid_sd.shapes.evaluate import ATTRIBUTES, gap_recovered
+from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, gap_recovered
 
 TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
 

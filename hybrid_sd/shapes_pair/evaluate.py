@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybrid_sd.bundle import folder_bytes
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
@@ -108,10 +109,6 @@ def model_costs(pipeline: HybridPipeline) -> dict:
         },
         "text_encoder": {"params": parameters(cloud.text_encoder)},
     }
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
 
 
 def evaluate(

@@ -22,9 +22,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from hybrid_sd.shapes import pair_models
 from hybrid_sd.shapes.dataset import ShapesDataset
-from hybrid_sd.shapes.train_config import TrainConfig
+from hybrid_sd.shapes_pair import pair_models
+from hybrid_sd.shapes_pair.train_config import TrainConfig
 
 DROP_CAPTION = 0.1  # captions replaced by "" in training, for classifier-free guidance
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al., 2023): faster convergence at equal steps
