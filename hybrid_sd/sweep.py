@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from hybrid_sd.metrics import psnr, ssim
 from hybrid_sd.request import MAX_SEED, GenerationRequest
 from hybrid_sd.results import STAGES, CallOptions, GenerationResult, OutputSpec
-from hybrid_sd.shapes.adherence import parse_caption, score
+from hybrid_sd.shapes.adherence import GRAMMAR, in_grammar, score
 
 TIMING_COLUMNS = tuple(f"t_{stage}_s" for stage in STAGES)
 KEY_COLUMNS = ("prompt_index", "prompt", "seed", "switch_step", "num_inference_steps", "scheduler", "guidance_scale")
@@ -34,6 +35,8 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 T_975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 GRID_CELL = 256  # largest side of an image in grid.png
 LABEL_HEIGHT, LABEL_WIDTH = 16, 32
+
+logger = logging.getLogger(__name__)
 
 Key = tuple[int, int, int]  # (prompt index, seed, switch step)
 Row = dict[str, str]  # one results.csv row, as the csv module reads it back
@@ -122,6 +125,7 @@ def run_sweep(config: SweepConfig, runner: Runner, progress: bool = True) -> dic
     """Run every (prompt, seed, k) not already in ``results.csv``, then write the summary, plots,
     grid and report; return the summary."""
     (config.out / "images").mkdir(parents=True, exist_ok=True)
+    warn_unscored(config.prompts)
     rows = _resume(config)
     plan = list(config.plan())
     todo = [key for key in plan if key not in rows]
@@ -219,11 +223,21 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
 
 def adherence(image: Image.Image, prompt: str) -> float | None:
     """The shapes adherence score of ``image``, or None if ``prompt`` is not a shapes caption."""
-    try:
-        parse_caption(prompt)
-    except ValueError:
-        return None
-    return score(image, prompt).overall
+    return score(image, prompt).overall if in_grammar(prompt) else None
+
+
+def warn_unscored(prompts: list[str]) -> list[str]:
+    """The prompts outside the shapes grammar, which the adherence column leaves empty, said once."""
+    unscored = [prompt for prompt in prompts if not in_grammar(prompt)]
+    if unscored:
+        logger.warning(
+            "adherence is not scored for %d of %d prompts, outside the shapes grammar (%s): %s",
+            len(unscored),
+            len(prompts),
+            GRAMMAR,
+            ", ".join(repr(prompt) for prompt in unscored),
+        )
+    return unscored
 
 
 def mean_interval(values: list[float]) -> dict:
@@ -238,12 +252,12 @@ def mean_interval(values: list[float]) -> dict:
 
 
 def summarize(config: SweepConfig, rows: list[Row]) -> dict:
-    """Per k: mean and 95% t-interval of every numeric column that has values, and the cloud's share of
-    the UNet evaluations."""
+    """Per k: mean and 95% t-interval of every numeric column that has values (adherence: null without
+    one, when no prompt is in the shapes grammar), and the cloud's share of the UNet evaluations."""
     per_k = {}
     for k in config.ks:
         at_k = [row for row in rows if int(row["switch_step"]) == k]
-        metrics = {}
+        metrics: dict[str, dict | None] = {"adherence": None}
         for column in (*METRIC_COLUMNS, *TIMING_COLUMNS):
             values = [float(row[column]) for row in at_k if row[column] != ""]
             if values:
@@ -258,6 +272,7 @@ def summarize(config: SweepConfig, rows: list[Row]) -> dict:
         "guidance_scale": config.guidance_scale,
         "prompts": config.prompts,
         "seeds": config.seeds,
+        "unscored_prompts": [prompt for prompt in config.prompts if not in_grammar(prompt)],
         "confidence_interval": "95%, mean ± t(0.975, n-1)·s/√n",
         "switch_steps": per_k,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from collections import Counter
 
 import numpy as np
@@ -136,6 +137,18 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, runner):
     assert len(resumed) == len(rows) - len(first) and not first & set(resumed)
     assert resumed[0] == (PROMPTS[0], 0, 2)  # scored against the reference read back from disk
     assert all(row["ssim"] != "" for row in rows)
+
+
+def test_prompts_outside_the_grammar_are_named_not_averaged(tmp_path, runner, caplog):
+    config = make_config(tmp_path, switch_steps=[0], prompts=["a photo of a cat"], seeds=[1])
+    with caplog.at_level(logging.WARNING, logger="hybrid_sd.sweep"):
+        summary = run_sweep(config, runner, progress=False)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'a photo of a cat'" in warnings[0] and "shapes grammar" in warnings[0]
+    assert summary["unscored_prompts"] == ["a photo of a cat"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert all(entry["metrics"]["adherence"] is None for entry in written["switch_steps"].values())
+    assert written["switch_steps"]["0"]["metrics"]["ssim"]["mean"] <= 1.0  # the rest is still measured
 
 
 @pytest.mark.parametrize(

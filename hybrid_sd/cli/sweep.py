@@ -80,7 +80,7 @@ def format_table(summary: dict) -> str:
     """One line per k: n, cloud share, mean adherence, SSIM and total latency."""
 
     def mean(metrics: dict, column: str, digits: int) -> str:
-        return f"{metrics[column]['mean']:.{digits}f}" if column in metrics else "-"
+        return f"{metrics[column]['mean']:.{digits}f}" if metrics.get(column) else "-"
 
     lines = [f"{'k':>4} {'n':>4} {'cloud':>6} {'adherence':>9} {'ssim':>6} {'total_s':>8}"]
     for k, entry in summary["switch_steps"].items():

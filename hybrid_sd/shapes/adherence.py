@@ -81,6 +81,18 @@ class AdherenceScore:
     overall: float
 
 
+# What the scorer can read, for messages about prompts it cannot.
+GRAMMAR = (
+    "'a <size> <colour> <shape>', two such joined by a relation, or three as 'A, B and C'; sizes "
+    f"{'/'.join(SIZES)}, colours {'/'.join(COLORS)}, shapes {'/'.join(SHAPES)}, relations {'/'.join(RELATIONS)}"
+    " (e.g. 'a small blue square to the left of a large red circle')"
+)
+
+
+def in_grammar(caption: str) -> bool:
+    return any(pattern.fullmatch(caption) for pattern in _GRAMMAR)
+
+
 def parse_caption(caption: str) -> ParsedCaption:
     """The shapes and relation a caption states; ValueError, naming the caption, if it is not in the grammar."""
     for pattern in _GRAMMAR:
