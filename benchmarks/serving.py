@@ -1,13 +1,13 @@
 """Serving benchmarks: distribution overhead, handoff bytes, and cloud throughput.
 
-- overhead: one request through gateway -> Ray replica -> gRPC -> edge worker, against the
-  in-process engine for the same request, interleaved, medians (tiny pair; SD 1.5 architecture
-  with random weights at 256x256 with --sd15).
+- overhead: one request through gateway -> Ray replica -> gRPC -> edge worker (``cluster up`` of the
+  same pair), against the in-process engine for the same request, interleaved, medians (the default
+  shapes pair and the tiny SD 1.x pair; the SD 1.5 architecture with random weights at 256x256 with --sd15).
 - bytes: the Handoff message for real model shapes (SD 1.x at 512x512, SDXL at 1024x1024) in
   fp32 and fp16, mid-run with DPM-Solver++ 2M (two history tensors): full, and lean (to an edge
   with the cloud's text encoders, which encodes the prompt itself).
 - throughput: requests per second with 8 concurrent clients against one at a time, for 1 and 2
-  denoiser replicas (all requests at switch_step = N, so the cloud does all denoising).
+  denoiser replicas of the shapes pair (all requests at switch_step = N, so the cloud does all denoising).
 
     .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5] [--bytes-only]
 """
@@ -45,6 +45,9 @@ from hybrid_sd.wire import request_to_pb, state_payload  # noqa: E402
 from tests.serving import channel, free_port  # noqa: E402
 
 
+PROMPT = "a large red circle above a small blue square"
+
+
 def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None = None):
     """``hybrid-sd cluster up`` as processes (edge worker, gateway, Ray replicas), as users run it;
     this process only makes gRPC calls. Returns a Generate stub and a function that stops it."""
@@ -75,7 +78,10 @@ def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None
     return pb_grpc.HybridDiffusionStub(channel(port)), leave
 
 
-def overhead(name: str, engine: HybridPipeline, pair: list[str], request: GenerationRequest, repeats: int) -> dict:
+def overhead(
+    name: str, pair_name: str, engine: HybridPipeline, pair: list[str], request: GenerationRequest, repeats: int
+) -> dict:
+    """``request`` in-process on ``engine`` and through ``cluster up`` with ``pair`` (the same models)."""
     stub, leave = served_cluster(pair)
     message = request_to_pb(request)
     message.output_format = pb.OUTPUT_FORMAT_PNG
@@ -91,6 +97,7 @@ def overhead(name: str, engine: HybridPipeline, pair: list[str], request: Genera
     local_median, served_median = statistics.median(local), statistics.median(served)
     return {
         "case": name,
+        "pair": pair_name,
         "in_process_s": local_median,
         "served_s": served_median,
         "ratio": served_median / local_median,
@@ -136,7 +143,7 @@ def handoff_bytes(family: str, size: int, dtype: torch.dtype) -> dict:
 
 def throughput(replicas: int, requests: int = 16) -> dict:
     # One intra-op thread per process: replicas and the edge share this machine's cores.
-    stub, leave = served_cluster([], replicas, torch_threads=1)
+    stub, leave = served_cluster(["--pair", "shapes"], replicas, torch_threads=1)
 
     def call(seed: int) -> None:
         stub.Generate(
@@ -155,16 +162,24 @@ def throughput(replicas: int, requests: int = 16) -> dict:
         concurrent = requests / (time.perf_counter() - started)
     finally:
         leave()
-    return {"replicas": replicas, "sequential_rps": sequential, "concurrent8_rps": concurrent}
+    return {"pair": "shapes", "replicas": replicas, "sequential_rps": sequential, "concurrent8_rps": concurrent}
 
 
 def overhead_and_throughput(args: argparse.Namespace) -> dict:
     """The parts that run clusters: served against in-process, and replica throughput."""
     results: dict = {}
-    tiny = preset("tiny-sd1")
-    request = GenerationRequest("a red circle above a blue square", switch_step=10, num_inference_steps=25, seed=0)
     results["overhead"] = [
-        overhead("tiny pair, 64x64, 25 steps, k=10", HybridPipeline(load_pair(tiny)), [], request, args.tiny_repeats)
+        overhead(
+            f"{name}, 64x64, {steps} steps, k={k}",
+            name,
+            HybridPipeline(load_pair(preset(name))),
+            ["--pair", name],
+            GenerationRequest(
+                "a large red circle above a small blue square", switch_step=k, num_inference_steps=steps, seed=0
+            ),
+            args.tiny_repeats,
+        )
+        for name, steps, k in (("shapes", 20, 8), ("tiny-sd1", 25, 10))
     ]
     if args.sd15:
         with tempfile.TemporaryDirectory() as folder:
@@ -177,6 +192,7 @@ def overhead_and_throughput(args: argparse.Namespace) -> dict:
             results["overhead"].append(
                 overhead(
                     "SD1.5 architecture (both sides), 256x256, 10 steps, k=4",
+                    "sd15-random",
                     engine,
                     ["--cloud-model", folder, "--edge-model", folder],
                     request,
@@ -205,7 +221,9 @@ def main() -> None:
         results.update(overhead_and_throughput(args))
 
     if results["overhead"]:
-        print(f"{'overhead':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}")
+        print(
+            f"{'overhead (same pair both ways)':58} {'in-process s':>13} {'served s':>9} {'ratio':>6} {'added ms':>9}"
+        )
     for row in results["overhead"]:
         print(
             f"{row['case']:58} {row['in_process_s']:13.3f} {row['served_s']:9.3f} {row['ratio']:6.3f}"
@@ -218,9 +236,9 @@ def main() -> None:
             f" {row['conditioning_bytes']:13d} {row['sampler_bytes']:9d}"
         )
     if results["throughput"]:
-        print(f"\n{'replicas':>8} {'sequential rps':>15} {'8 clients rps':>14}")
+        print(f"\n{'pair':>8} {'replicas':>8} {'sequential rps':>15} {'8 clients rps':>14}")
     for row in results["throughput"]:
-        print(f"{row['replicas']:8d} {row['sequential_rps']:15.2f} {row['concurrent8_rps']:14.2f}")
+        print(f"{row['pair']:>8} {row['replicas']:8d} {row['sequential_rps']:15.2f} {row['concurrent8_rps']:14.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
