@@ -44,7 +44,6 @@ from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc  # noqa: E402
 from hybrid_sd.wire import request_to_pb, state_payload  # noqa: E402
 from tests.serving import channel, free_port  # noqa: E402
 
-
 PROMPT = "a large red circle above a small blue square"
 
 
