@@ -82,15 +82,13 @@ class ServerGeneration:
         deadline: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> GenerationResult:
-        timeout = self.cloud_timeout
-        cloud_deadline = None if timeout is None else time.time() + timeout
         return await generate(
             request,
             self.cloud,
             self.edge,
             options,
             deadline,
-            cloud_deadline,
+            self.cloud_timeout,
             on_progress,
             self.served_pair,
             self.limits,
@@ -103,12 +101,12 @@ async def generate(
     edge: EdgeHalf,
     options: CallOptions = CallOptions(),
     deadline: float | None = None,
-    cloud_deadline: float | None = None,
+    cloud_timeout: float | None = None,
     on_progress: ProgressCallback | None = None,
     served_pair: str | None = None,
     limits: RequestLimits | None = None,
 ) -> GenerationResult:
-    """Generate one image. ``deadline`` is the caller's (wall clock); ``cloud_deadline``, if earlier,
+    """Generate one image. ``deadline`` is the caller's (wall clock); ``cloud_timeout`` seconds, if sooner,
     bounds the cloud half so that an edge fallback still has time to run. ``on_progress`` hears of
     every UNet evaluation on either side. A call naming a pair other than ``served_pair``, or over
     ``limits``, is refused before any work."""
@@ -129,6 +127,7 @@ async def generate(
         try:
             if cloud is None:
                 raise CloudUnavailableError("no cloud denoiser is configured")
+            cloud_deadline = None if cloud_timeout is None else time.time() + cloud_timeout
             limit = min((d for d in (deadline, cloud_deadline) if d is not None), default=None)
             handoff = await cloud.denoise(request, profile, limit, on_progress)
         except (CloudUnavailableError, DeadlineExceededError) as error:

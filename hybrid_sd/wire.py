@@ -18,7 +18,16 @@ from google.protobuf.message import DecodeError
 from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.lane import Progress
 from hybrid_sd.request import MAX_SEED, GenerationRequest
-from hybrid_sd.results import STAGES, CallOptions, EdgeResult, GenerationResult, Handoff, OutputSpec
+from hybrid_sd.results import (
+    CLOUD_STAGES,
+    EDGE_STAGES,
+    STAGES,
+    CallOptions,
+    EdgeResult,
+    GenerationResult,
+    Handoff,
+    OutputSpec,
+)
 from hybrid_sd.state import FORMAT, HybridState
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 
@@ -131,21 +140,12 @@ def state_from_payload(payload: bytes) -> HybridState:
     return HybridState.from_parts(document, tensors)
 
 
-# Handoff fields that describe how the state was made, not the state.
-_HANDOFF_SECONDS = {
-    "queue": "queue_seconds",
-    "encode_prompt": "encode_prompt_seconds",
-    "cloud_denoise": "cloud_denoise_seconds",
-    "handoff_encode": "handoff_encode_seconds",
-}
-
-
 def handoff_to_pb(handoff: Handoff) -> pb.Handoff:
     message = pb.Handoff.FromString(handoff.payload)
     message.cloud_model, message.cloud_replica, message.cloud_node = handoff.model, handoff.replica, handoff.node
     message.cloud_unet_evaluations = handoff.unet_evaluations
-    for stage, name in _HANDOFF_SECONDS.items():
-        setattr(message, name, handoff.timings.get(stage, 0.0))
+    for stage in CLOUD_STAGES:  # each as the message's <stage>_seconds
+        setattr(message, f"{stage}_seconds", handoff.timings.get(stage, 0.0))
     return message
 
 
@@ -156,7 +156,7 @@ def handoff_from_pb(message: pb.Handoff) -> Handoff:
     return Handoff(
         payload=state.SerializeToString(),
         unet_evaluations=message.cloud_unet_evaluations,
-        timings={stage: getattr(message, name) for stage, name in _HANDOFF_SECONDS.items()},
+        timings={stage: getattr(message, f"{stage}_seconds") for stage in CLOUD_STAGES},
         model=message.cloud_model,
         replica=message.cloud_replica,
         node=message.cloud_node,
@@ -243,17 +243,16 @@ def edge_result_to_pb(result: EdgeResult) -> pb.ImageResult:
     )
     if result.latents is not None:
         message.latents.CopyFrom(tensor_to_pb(result.latents))
-    for stage in ("queue", "handoff_decode", "encode_prompt", "edge_denoise", "vae_decode"):
+    for stage in EDGE_STAGES:
         setattr(message, f"{stage}_seconds", result.timings.get(stage, 0.0))
     return message
 
 
 def edge_result_from_pb(message: pb.ImageResult) -> EdgeResult:
-    stages = ("queue", "handoff_decode", "encode_prompt", "edge_denoise", "vae_decode")
     return EdgeResult(
         request=request_from_pb(message.request),
         unet_evaluations=message.edge_unet_evaluations,
-        timings={stage: getattr(message, f"{stage}_seconds") for stage in stages},
+        timings={stage: getattr(message, f"{stage}_seconds") for stage in EDGE_STAGES},
         profile=edge_profile_from_pb(message.edge_profile),
         worker=message.edge_worker,
         image=decode_image(message.image),
