@@ -155,6 +155,7 @@ async def generate(
         edge_worker=result.worker,
         edge_fallback=fell_back,
         request_id=options.request_id,
+        batch_sizes={"cloud": handoff.batch_sizes if handoff else [], "edge": result.batch_sizes},
     )
 
 

@@ -17,9 +17,9 @@ class GenerationRequest:
     """One request: ``switch_step`` denoising steps on the cloud model, the rest on the edge model.
 
     ``switch_step=None`` hands over after 40% of the steps (early steps fix the layout, which needs
-    the large model). ``seed=None`` draws a random seed; ``width``/``height=None`` take the
-    edge model's native size and ``scheduler=None`` its scheduler class (the edge runs on every path:
-    see :meth:`hybrid_sd.edge_profile.EdgeProfile.fill`).
+    the large model), unless ``auto_switch`` lets the server choose. ``seed=None`` draws a random
+    seed; ``width``/``height=None`` take the edge model's native size and ``scheduler=None`` its
+    scheduler class (the edge runs on every path: see :meth:`hybrid_sd.edge_profile.EdgeProfile.fill`).
     """
 
     prompt: str
@@ -33,6 +33,9 @@ class GenerationRequest:
     height: int | None = None
     scheduler: str | None = None
     preview_every: int = 0  # a preview every n UNet evaluations of a stream; 0: none (the image is the same)
+    exact: bool = False  # UNet calls of its own, never batched with other requests: bit for bit as diffusers
+    auto_switch: bool = False  # the server chooses switch_step (which must be unset) from its profile and load
+    latency_target_s: float | None = None  # with auto_switch: the end-to-end seconds to meet
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad field; size and scheduler are checked later,
@@ -55,6 +58,17 @@ class GenerationRequest:
         _check_int("preview_every", self.preview_every, 0, MAX_STEPS)
         if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
             raise ValueError(f"scheduler must be a non-empty string or None, got {self.scheduler!r}")
+        for name in ("exact", "auto_switch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.auto_switch and self.switch_step is not None:
+            raise ValueError("switch_step must be unset with auto_switch: the server chooses it")
+        if self.latency_target_s is not None:
+            if not self.auto_switch:
+                raise ValueError("latency_target_s needs auto_switch: it is what the choice of switch_step aims for")
+            _check_finite("latency_target_s", self.latency_target_s, 0.0)
+            if self.latency_target_s == 0:
+                raise ValueError("latency_target_s must be positive, got 0")
 
     def with_defaults(self) -> GenerationRequest:
         """This request with a concrete switch step and seed (a fresh random one if unset)."""

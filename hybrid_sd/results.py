@@ -3,7 +3,7 @@ one stage vocabulary, the same in-process and served (``hybrid_sd.wire`` encodes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import PIL.Image
 import torch
@@ -40,6 +40,7 @@ class Handoff:
     model: str = ""
     replica: str = ""
     node: str = ""
+    batch_sizes: list[int] = field(default_factory=list)  # requests in each of its UNet calls
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class EdgeResult:
     timings: dict[str, float]  # EDGE_STAGES
     profile: EdgeProfile
     worker: str = ""
+    batch_sizes: list[int] = field(default_factory=list)  # requests in each of its UNet calls
     image: PIL.Image.Image | None = None
     image_data: bytes = b""  # ``image`` encoded, where the output asked for a format
     mime_type: str = ""
@@ -75,6 +77,16 @@ class CallOptions:
     allow_edge_fallback: bool = False
     request_id: str = ""
     pair: str = ""  # the pair the caller expects; a server running another refuses the call
+
+
+@dataclass(frozen=True)
+class SwitchChoice:
+    """How a server chose the switch step of an ``auto_switch`` request."""
+
+    switch_step: int
+    predicted_latency_s: float  # end-to-end, from the live step costs and queue
+    quality: float | None  # the profile's quality (adherence) at switch_step, where it has one
+    reason: str  # why this k: e.g. "meets target", "fastest", "cloud down"
 
 
 @dataclass
@@ -94,6 +106,9 @@ class GenerationResult:
     edge_worker: str = ""
     edge_fallback: bool = False
     request_id: str = ""
+    # Requests in each UNet call of this one's steps, per side (1 everywhere: never batched).
+    batch_sizes: dict[str, list[int]] = field(default_factory=lambda: {"cloud": [], "edge": []})
+    switch_choice: SwitchChoice | None = None  # set where the server chose the switch step
 
     def summary(self) -> dict:
         """What ``hybrid-sd generate --json`` prints."""
@@ -111,4 +126,6 @@ class GenerationResult:
             "cloud_node": self.cloud_node,
             "edge_worker": self.edge_worker,
             "edge_fallback": self.edge_fallback,
+            "batch_sizes": self.batch_sizes,
+            "switch_choice": asdict(self.switch_choice) if self.switch_choice else None,
         }

@@ -27,6 +27,7 @@ from hybrid_sd.results import (
     GenerationResult,
     Handoff,
     OutputSpec,
+    SwitchChoice,
 )
 from hybrid_sd.state import FORMAT, HybridState
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
@@ -91,6 +92,9 @@ def request_from_pb(message: pb.GenerateRequest) -> GenerationRequest:
         height=get("height"),
         scheduler=message.scheduler or None,
         preview_every=message.preview_every,
+        exact=message.exact,
+        auto_switch=message.auto_switch,
+        latency_target_s=get("latency_target_s"),
     )
     request.check()
     return request
@@ -102,7 +106,8 @@ def request_to_pb(request: GenerationRequest, template: pb.GenerateRequest | Non
     if template is not None:
         message.CopyFrom(template)
     message.prompt = request.prompt
-    for name in ("negative_prompt", "switch_step", "guidance_scale", "guidance_rescale", "seed", "width", "height"):
+    optional = ("negative_prompt", "switch_step", "guidance_scale", "guidance_rescale", "seed", "width", "height")
+    for name in (*optional, "latency_target_s"):
         value = getattr(request, name)
         if value is None:
             message.ClearField(name)
@@ -111,6 +116,7 @@ def request_to_pb(request: GenerationRequest, template: pb.GenerateRequest | Non
     message.num_inference_steps = request.num_inference_steps
     message.scheduler = request.scheduler or ""
     message.preview_every = request.preview_every
+    message.exact, message.auto_switch = request.exact, request.auto_switch
     return message
 
 
@@ -144,6 +150,7 @@ def handoff_to_pb(handoff: Handoff) -> pb.Handoff:
     message = pb.Handoff.FromString(handoff.payload)
     message.cloud_model, message.cloud_replica, message.cloud_node = handoff.model, handoff.replica, handoff.node
     message.cloud_unet_evaluations = handoff.unet_evaluations
+    message.batch_sizes[:] = handoff.batch_sizes
     for stage in CLOUD_STAGES:  # each as the message's <stage>_seconds
         setattr(message, f"{stage}_seconds", handoff.timings.get(stage, 0.0))
     return message
@@ -160,6 +167,7 @@ def handoff_from_pb(message: pb.Handoff) -> Handoff:
         model=message.cloud_model,
         replica=message.cloud_replica,
         node=message.cloud_node,
+        batch_sizes=list(message.batch_sizes),
     )
 
 
@@ -240,6 +248,7 @@ def edge_result_to_pb(result: EdgeResult) -> pb.ImageResult:
         edge_unet_evaluations=result.unet_evaluations,
         edge_worker=result.worker,
         edge_profile=edge_profile_to_pb(result.profile),
+        batch_sizes=result.batch_sizes,
     )
     if result.latents is not None:
         message.latents.CopyFrom(tensor_to_pb(result.latents))
@@ -255,6 +264,7 @@ def edge_result_from_pb(message: pb.ImageResult) -> EdgeResult:
         timings={stage: getattr(message, f"{stage}_seconds") for stage in EDGE_STAGES},
         profile=edge_profile_from_pb(message.edge_profile),
         worker=message.edge_worker,
+        batch_sizes=list(message.batch_sizes),
         image=decode_image(message.image),
         image_data=message.image,
         mime_type=message.mime_type,
@@ -283,6 +293,9 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateResponse:
         edge_worker=result.edge_worker,
         edge_fallback=result.edge_fallback,
         request_id=result.request_id,
+        cloud_batch_sizes=result.batch_sizes["cloud"],
+        edge_batch_sizes=result.batch_sizes["edge"],
+        switch_choice=switch_choice_to_pb(result.switch_choice) if result.switch_choice else None,
     )
 
 
@@ -311,6 +324,26 @@ def result_from_pb(message: pb.GenerateResponse, asked: GenerationRequest) -> Ge
         edge_worker=message.edge_worker,
         edge_fallback=message.edge_fallback,
         request_id=message.request_id,
+        batch_sizes={"cloud": list(message.cloud_batch_sizes), "edge": list(message.edge_batch_sizes)},
+        switch_choice=switch_choice_from_pb(message.switch_choice) if message.HasField("switch_choice") else None,
+    )
+
+
+def switch_choice_to_pb(choice: SwitchChoice) -> pb.SwitchChoice:
+    return pb.SwitchChoice(
+        switch_step=choice.switch_step,
+        predicted_latency_s=choice.predicted_latency_s,
+        quality=choice.quality,
+        reason=choice.reason,
+    )
+
+
+def switch_choice_from_pb(message: pb.SwitchChoice) -> SwitchChoice:
+    return SwitchChoice(
+        switch_step=message.switch_step,
+        predicted_latency_s=message.predicted_latency_s,
+        quality=message.quality if message.HasField("quality") else None,
+        reason=message.reason,
     )
 
 
