@@ -28,7 +28,7 @@ from hybrid_sd.errors import (
     RunCancelledError,
 )
 from hybrid_sd.halves import LocalCloud
-from hybrid_sd.lane import ProgressCallback
+from hybrid_sd.lane import ComputeLane, ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.pairs import load_cloud
 from hybrid_sd.presets import PairSpec
@@ -51,23 +51,23 @@ REJECTED = {
 }
 
 
-# A replica denoises one request at a time (its ComputeLane) but accepts a few more, so the next one
-# is already waiting when the lane frees: 8 clients on one replica get 0.95x the sequential rate
-# (benchmarks/serving.py, shapes pair), against 0.63x when Serve's router held every request until the
-# replica was idle (measured on the tiny pair).
 # Health checks every 2 s (Serve's default is 10 s): a dead replica is noticed, and replaced, sooner.
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=4, health_check_period_s=2)
+# max_ongoing_requests is set by bind(), from the batch size.
+@serve.deployment(name=DEPLOYMENT_NAME, health_check_period_s=2)
 class CloudDenoiserDeployment:
-    """One replica holds the large model and denoises one request at a time."""
+    """One replica holds the large model and denoises the requests it holds in shared UNet calls (its
+    compute lane batches their steps)."""
 
-    def __init__(self, pair: dict, device: str, dtype: str, torch_threads: int, limits: dict):
+    def __init__(
+        self, pair: dict, device: str, dtype: str, torch_threads: int, limits: dict, max_batch: int, batch_wait_s: float
+    ):
         # Ray limits an actor to OMP_NUM_THREADS=num_cpus; CPU kernels reduce in a thread-count
         # dependent order, so a bit-exact handoff needs the thread count the edge uses.
         torch.set_num_threads(torch_threads)
         denoiser = load_cloud(PairSpec(**pair), device, getattr(torch, dtype))
         denoiser.limits = RequestLimits(**limits)
         replica, node = serve.get_replica_context().replica_tag, ray.get_runtime_context().get_node_id()
-        self.half = LocalCloud(denoiser, replica, node)
+        self.half = LocalCloud(denoiser, replica, node, ComputeLane(max_batch, batch_wait_s))
 
     async def _denoise(
         self, request: bytes, deadline: float | None, on_progress: ProgressCallback | None = None
@@ -114,6 +114,15 @@ class ReplicaConfig:
     max_replicas_per_node: int | None = None  # e.g. 1: one replica a node, so replicas spread over the nodes
     # Intra-op threads per replica; the default is torch's (physical cores), like any other process.
     torch_threads: int = dataclasses.field(default_factory=torch.get_num_threads)
+    max_batch: int = 8  # requests per UNet call (docs/design.md, "Step-level batching")
+    batch_wait_s: float = 0.0  # how long an idle replica waits for a batch to fill
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Requests Serve hands a replica at once: twice a batch, so that the next ones already wait on
+        the replica when a request leaves the batch (with 4 and one request at a time, 8 clients got
+        0.95x the sequential rate, against 0.63x when Serve's router held them until the replica was idle)."""
+        return 2 * self.max_batch + 2
 
 
 def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str, limits: RequestLimits):
@@ -121,18 +130,25 @@ def bind(pair: PairSpec, replicas: ReplicaConfig, device: str, dtype: str, limit
     options = dict(
         ray_actor_options={"num_gpus": replicas.gpus_per_replica, "num_cpus": replicas.cpus_per_replica},
         max_queued_requests=replicas.max_queued_requests,
+        max_ongoing_requests=replicas.max_ongoing_requests,
         max_replicas_per_node=replicas.max_replicas_per_node,
     )
     if replicas.autoscale_to:
         options["autoscaling_config"] = {
             "min_replicas": replicas.replicas,
             "max_replicas": replicas.autoscale_to,
-            "target_ongoing_requests": 1,
+            "target_ongoing_requests": replicas.max_batch,  # a replica is busy when its batch is full
         }
     else:
         options["num_replicas"] = replicas.replicas
     return CloudDenoiserDeployment.options(**options).bind(
-        dataclasses.asdict(pair), device, dtype, replicas.torch_threads, dataclasses.asdict(limits)
+        dataclasses.asdict(pair),
+        device,
+        dtype,
+        replicas.torch_threads,
+        dataclasses.asdict(limits),
+        replicas.max_batch,
+        replicas.batch_wait_s,
     )
 
 

@@ -24,7 +24,7 @@ from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.errors import NotReadyError
 from hybrid_sd.halves import LocalEdge
-from hybrid_sd.lane import ProgressCallback
+from hybrid_sd.lane import ComputeLane, ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.orchestrate import ServerGeneration
 from hybrid_sd.pairs import load_edge
@@ -66,6 +66,8 @@ class EdgeConfig:
     torch_threads: int | None = None  # intra-op threads; must match the cloud's for a bit-exact split
     limits: RequestLimits = field(default_factory=RequestLimits)
     http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
+    max_batch: int = 1  # requests whose steps share a UNet call (a site edge serving many clients: more)
+    batch_wait_s: float = 0.0
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
 
@@ -85,7 +87,8 @@ class EdgeWorker:
 
     async def load(self) -> None:
         with stage(f"loading the edge model {self.config.pair.edge}"):
-            self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name)
+            lane = ComputeLane(self.config.max_batch, self.config.batch_wait_s)
+            self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name, lane)
 
     def _load(self) -> Denoiser:
         config = self.config

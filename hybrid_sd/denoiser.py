@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import encode_conditioning, text_encoder_fingerprint
-from hybrid_sd.denoise import Guidance, StepCallback, denoise
+from hybrid_sd.denoise import Guidance, StepCallback, StepRun, Steps, run_alone
 from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.latent_space import pipeline_latent_space
 from hybrid_sd.limits import RequestLimits
@@ -150,7 +150,12 @@ class Denoiser:
         )
 
     def denoise(self, state: HybridState, end: int, callback: StepCallback | None = None) -> HybridState:
-        """Run loop iterations ``[state.step_index, end)`` with this model; return the new state."""
+        """Run loop iterations ``[state.step_index, end)`` with this model alone; return the new state."""
+        return run_alone(self.denoise_steps(state, end, callback))
+
+    def denoise_steps(self, state: HybridState, end: int, callback: StepCallback | None = None) -> Steps[HybridState]:
+        """Loop iterations ``[state.step_index, end)`` as a :class:`~hybrid_sd.denoise.StepRun` for a
+        driver to step, alone or batched; returns the new state."""
         self.check_handoff(state)
         if not state.step_index <= end <= state.loop_length:
             raise ValueError(f"end must be in [{state.step_index}, {state.loop_length}], got {end}")
@@ -170,23 +175,27 @@ class Denoiser:
         if state.generator_state is not None:
             generator.set_state(state.generator_state)
         conditioning = self.conditioned(state).conditioning.to(self.device)
-        latents = denoise(
+        guidance = self._guidance(request, state.latents.dtype)
+        latents = state.latents.to(self.device)
+        run = StepRun(
             self.pipe.unet,
             scheduler,
-            state.latents.to(self.device),
+            latents,
             conditioning,
-            self._guidance(request, state.latents.dtype),
+            guidance,
             generator,
             state.step_index,
             end,
             callback,
+            alone=request.exact,
         )
+        yield run
         return dataclasses.replace(
             state,
             step_index=end,
             sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),
             generator_state=generator.get_state() if uses_generator(scheduler) else None,
-            latents=latents,
+            latents=run.latents,
             conditioning=conditioning,
             model=self.name,
         )

@@ -16,7 +16,7 @@ from functools import partial
 
 import PIL.Image
 
-from hybrid_sd.denoise import StepCallback
+from hybrid_sd.denoise import StepCallback, Steps, run_alone
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.lane import ComputeLane, ProgressCallback
@@ -51,13 +51,20 @@ def cloud_half(
 ) -> Handoff:
     """Steps [0, switch_step) of ``request`` on the large model; lean for ``edge`` if given (see
     :mod:`hybrid_sd.edge_profile`), else a full handoff in this model's dtype."""
+    return run_alone(cloud_steps(denoiser, request, edge, callback))
+
+
+def cloud_steps(
+    denoiser: Denoiser, request: GenerationRequest, edge: EdgeProfile | None, callback: StepCallback | None = None
+) -> Steps[Handoff]:
+    """:func:`cloud_half` with its denoising loop left to a driver (a compute lane batches it)."""
     laps = _Laps(CLOUD_STAGES)
     request = denoiser.resolve(request)
     state = denoiser.begin(request)
     laps("encode_prompt")
     _between_stages(callback)
     end = loop_index(request.switch_step, request.num_inference_steps, state.loop_length)
-    state = denoiser.denoise(state, end, with_previews(callback, denoiser, request.preview_every))
+    state = yield from denoiser.denoise_steps(state, end, with_previews(callback, denoiser, request.preview_every))
     laps("cloud_denoise")
     payload = state_payload(state if edge is None else for_edge(state, edge))
     laps("handoff_encode")
@@ -72,6 +79,16 @@ def edge_half(
 ) -> EdgeResult:
     """The rest of the schedule after ``start``'s handoff and the decode on the small model; or,
     given a request rather than a handoff, the whole schedule (switch_step 0)."""
+    return run_alone(edge_steps(denoiser, start, output, callback))
+
+
+def edge_steps(
+    denoiser: Denoiser,
+    start: Handoff | GenerationRequest,
+    output: OutputSpec,
+    callback: StepCallback | None = None,
+) -> Steps[EdgeResult]:
+    """:func:`edge_half` with its denoising loop left to a driver (a compute lane batches it)."""
     laps = _Laps(EDGE_STAGES)
     if isinstance(start, Handoff):
         state = state_from_payload(start.payload)
@@ -83,7 +100,8 @@ def edge_half(
     laps("encode_prompt")
     _between_stages(callback)
     start_index = state.step_index
-    state = denoiser.denoise(state, state.loop_length, with_previews(callback, denoiser, state.request.preview_every))
+    previews = with_previews(callback, denoiser, state.request.preview_every)
+    state = yield from denoiser.denoise_steps(state, state.loop_length, previews)
     laps("edge_denoise")
     _between_stages(callback)
     result = EdgeResult(state.request, state.loop_length - start_index, laps.timings, EdgeProfile.of(denoiser))
@@ -120,9 +138,10 @@ class LocalCloud:
         deadline: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> Handoff:
-        work = partial(cloud_half, self.denoiser, request, edge)
-        handoff, queued = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
-        handoff.timings["queue"] = queued
+        work = partial(cloud_steps, self.denoiser, request, edge)
+        ran = await self.lane.run(work, deadline, on_progress, "cloud_denoise")
+        handoff = ran.value
+        handoff.timings["queue"], handoff.batch_sizes = ran.queued_s, ran.batch_sizes
         handoff.replica, handoff.node = self.replica, self.node
         return handoff
 
@@ -145,8 +164,9 @@ class LocalEdge:
         deadline: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> EdgeResult:
-        work = partial(edge_half, self.denoiser, start, output)
-        result, queued = await self.lane.run(work, deadline, on_progress, "edge_denoise")
-        result.timings["queue"] = queued
+        work = partial(edge_steps, self.denoiser, start, output)
+        ran = await self.lane.run(work, deadline, on_progress, "edge_denoise")
+        result = ran.value
+        result.timings["queue"], result.batch_sizes = ran.queued_s, ran.batch_sizes
         result.worker = self.worker
         return result

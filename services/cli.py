@@ -19,6 +19,7 @@ DEFAULT_EDGE_PORT = 50052
 DEFAULT_GATEWAY_HTTP_PORT = 8080
 DEFAULT_EDGE_HTTP_PORT = 8081
 HTTP_HELP = "port of the HTTP face: JSON, server-sent events, A1111's txt2img, /metrics, the page at / (0: no HTTP)"
+DEFAULT_MAX_BATCH = 8
 THREADS_HELP = "torch intra-op threads (default: torch's); cloud and edge need the same for a bit-exact split"
 
 
@@ -34,6 +35,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     edge.add_argument("--cloud-token", default=env_value("HYBRID_SD_CLOUD_TOKEN"), help="token for --cloud")
     edge.add_argument("--torch-threads", type=int, help=THREADS_HELP)
     edge.add_argument("--bundle", dest="edge_bundle", type=Path, help="the same as --edge-bundle")
+    _add_batch_arguments(edge, 1, "a site edge serving many clients")
     edge.set_defaults(handler=run_serve_edge)
 
     gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
@@ -63,6 +65,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
+    _add_batch_arguments(up, DEFAULT_MAX_BATCH, "each denoiser replica")
     add_limit_arguments(up)
     _add_log_dir_argument(up)
     up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")
@@ -110,7 +113,21 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-replicas-per-node", type=int, help="at most this many replicas on one node (1: spread them)"
     )
     parser.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (per replica)")
+    _add_batch_arguments(parser, DEFAULT_MAX_BATCH, "each denoiser replica")
     _add_ray_node_arguments(parser)
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser, max_batch: int, who: str) -> None:
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=max_batch,
+        help=f"requests whose denoising steps share one UNet call, on {who} (1: one request at a time;"
+        " a request with exact set always runs alone)",
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=0.0, help="how long an idle compute lane waits for a batch to fill"
+    )
 
 
 def _add_ray_node_arguments(parser: argparse.ArgumentParser) -> None:

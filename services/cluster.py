@@ -38,6 +38,7 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     edge_command += ["--http-port", str(http_ports[1])]
     gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
     gateway_command += ["--http-port", str(http_ports[0]), "--replicas", str(args.replicas)]
+    gateway_command += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     logs = None if args.verbose else args.log_dir
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,13 @@ def _positive(flag: str, value: int | None) -> int | None:
     return value
 
 
+def _batching(args: argparse.Namespace) -> dict:
+    """``--max-batch`` and ``--batch-wait-ms`` as the compute lane's arguments."""
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch-wait-ms must not be negative, got {args.batch_wait_ms}")
+    return {"max_batch": _positive("--max-batch", args.max_batch), "batch_wait_s": args.batch_wait_ms / 1000}
+
+
 def _pair(args: argparse.Namespace) -> tuple[str, PairSpec]:
     """The pair's name as the servers report it, and its models."""
     name = args.pair or (DEFAULT_PAIR if not args.cloud_model else "custom")
@@ -85,6 +92,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         torch_threads=_positive("--torch-threads", args.torch_threads),
         limits=limits_from_args(args),
         http_port=args.http_port or None,
+        **_batching(args),
     )
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
@@ -125,6 +133,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
             autoscale_to=args.autoscale_to,
             max_replicas_per_node=_positive("--max-replicas-per-node", args.max_replicas_per_node),
             **({"torch_threads": _positive("--torch-threads", args.torch_threads)} if args.torch_threads else {}),
+            **_batching(args),
         ),
         device=device,
         dtype=args.dtype,

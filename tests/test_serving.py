@@ -17,6 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from cloud_worker.deployment import ReplicaConfig
 from cloud_worker.gateway import GatewayConfig, running_gateway
 from edge_worker.server import EdgeConfig, running_edge
 from hybrid_sd.limits import RequestLimits
@@ -26,11 +27,13 @@ from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
-from tests.serving import LoopThread, channel, free_port
+from tests.serving import BATCHED_LATENT_TOLERANCE, LoopThread, channel, free_port
 
 STEPS = 6
 # Long requests (900 steps) for the deadline and cancellation tests.
 LONG_RUNS = RequestLimits(max_steps=1000)
+# Serve hands the replica 2 * 8 + 2 requests at once and queues 4 more: a 23rd is refused.
+REPLICAS = ReplicaConfig(max_queued_requests=4, max_batch=8)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,13 @@ def cluster(loop, other_defaults_spec):
     gateway, leave_gateway = loop.enter(
         running_gateway(
             GatewayConfig(
-                "tiny-sd1", spec, f"127.0.0.1:{edge.port}", port=gateway_port, ray_num_cpus=2, limits=LONG_RUNS
+                "tiny-sd1",
+                spec,
+                f"127.0.0.1:{edge.port}",
+                port=gateway_port,
+                ray_num_cpus=2,
+                limits=LONG_RUNS,
+                replicas=REPLICAS,
             )
         )
     )
@@ -129,6 +138,8 @@ def test_stream_reports_every_unet_evaluation(cluster, entry):
 
 
 def test_no_cross_talk_between_concurrent_requests(cluster, engine):
+    """Sixteen at once through one batching replica: each gets its own result, the exact half bit for bit,
+    the others within the batching tolerance, and the replica did batch them."""
     requests = [
         dict(
             prompt=f"shape number {i}",
@@ -136,6 +147,7 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
             num_inference_steps=STEPS,
             seed=1000 + i,
             scheduler="euler-a",
+            exact=i % 2 == 0,
         )
         for i in range(16)
     ]
@@ -143,7 +155,33 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         responses = list(pool.map(lambda fields: generate(cluster["gateway"], **fields), requests))
     for fields, response in zip(requests, responses, strict=True):
         assert response.seed == fields["seed"] and response.switch_step == fields["switch_step"]
-        assert torch.equal(tensor_from_pb(response.latents, "latents"), in_process(engine, **fields))
+        assert len(response.cloud_batch_sizes) == response.cloud_unet_evaluations
+        latents, alone = tensor_from_pb(response.latents, "latents"), in_process(engine, **fields)
+        if fields["exact"]:
+            assert set(response.cloud_batch_sizes) <= {1}
+            assert torch.equal(latents, alone)
+        else:
+            torch.testing.assert_close(latents, alone, rtol=0, atol=BATCHED_LATENT_TOLERANCE)
+    assert max(size for response in responses for size in response.cloud_batch_sizes) > 1
+
+
+def test_a_full_queue_is_refused_and_the_rest_served(cluster):
+    held = REPLICAS.max_ongoing_requests + REPLICAS.max_queued_requests
+    # Long enough (a few seconds a batch) that every request arrives while the first ones are held.
+    fields = dict(prompt="queued", num_inference_steps=60, switch_step=60, scheduler="euler", seed=1)
+
+    def call(i: int) -> grpc.StatusCode:
+        try:
+            generate(cluster["gateway"], timeout=600, **fields)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+    with ThreadPoolExecutor(held + 6) as pool:
+        codes = list(pool.map(call, range(held + 6)))
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) >= held - 2  # every request Serve could hold was served
+    assert generate(cluster["gateway"], **{**fields, "num_inference_steps": 2, "switch_step": 1}).switch_step == 1
 
 
 @pytest.mark.parametrize(

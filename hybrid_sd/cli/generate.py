@@ -42,6 +42,9 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     remote.add_argument("--target", help="HOST:PORT of a hybrid-sd server; without it, generate in-process")
     remote.add_argument("--timeout", type=float, help="deadline of the call in seconds")
     remote.add_argument("--allow-edge-fallback", action="store_true", help="let the edge finish alone if needed")
+    remote.add_argument(
+        "--exact", action="store_true", help="never batch this request's steps with others': bit for bit as diffusers"
+    )
     add_client_security_arguments(remote)
     generate.set_defaults(handler=run_generate)
 
@@ -58,6 +61,7 @@ def run_generate(args: argparse.Namespace) -> None:
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
+        exact=args.exact,
     )
     request.check()  # before loading any model: bad input fails fast
     from hybrid_sd.user_files import image_format_for, output_file
