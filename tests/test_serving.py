@@ -26,18 +26,11 @@ from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
-from tests.serving import LoopThread, channel, free_port
+from tests.serving import channel, free_port
 
 STEPS = 6
 # Long requests (900 steps) for the deadline and cancellation tests.
 LONG_RUNS = RequestLimits(max_steps=1000)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")
