@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.presets import EMBEDDED_PRESETS
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import STAGES, GenerationResult
@@ -55,6 +56,11 @@ def test_an_explicit_switch_step_is_honoured():
 def test_auto_switch_without_a_policy_is_refused_naming_it():
     with pytest.raises(ValueError, match="auto_switch"):
         resolve_switch(auto(), None)
+
+
+def test_in_process_generation_refuses_auto_switch(pair_specs):
+    with pytest.raises(ValueError, match="auto_switch: this caller has no switch-point policy"):
+        HybridPipeline.from_pair(pair_specs["sd1"])(auto())
 
 
 def test_a_resolved_request_is_one_the_halves_accept():
