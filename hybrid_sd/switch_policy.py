@@ -84,11 +84,12 @@ class SwitchPolicy:
             k, reason = self._without_target(predicted, default, steps)
         quality = self.profile.quality_at(k, steps) if self.profile else None
         choice = SwitchChoice(k, predicted[k] if predicted[k] is not None else 0.0, quality, reason)
+        shown = "n/a" if quality is None else f"{quality:.3f}"
+        occupancy = self.costs.occupancy(queued, self.slots)
         logger.info(
             "switch step %d of %d (%s): predicted %.3f s, quality %s; cloud queue %d, occupancy %d",
-            k, steps, reason, choice.predicted_latency_s, "n/a" if quality is None else f"{quality:.3f}",
-            queued, self.costs.occupancy(queued, self.slots),
-        )  # fmt: skip
+            *(k, steps, reason, choice.predicted_latency_s, shown, queued, occupancy),
+        )
         self.last = choice
         return choice
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hybrid_sd.cli import main
+from tests.serving import free_port
 
 
 def refusal(capsys, *args: str) -> str:
@@ -42,9 +43,13 @@ def test_a_switch_step_that_is_neither_a_number_nor_auto(capsys, tmp_path):
     assert "--switch-step: must be an integer or 'auto', got 'soon'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("role", [["edge"], ["gateway", "--edge", "127.0.0.1:1"]])
-def test_a_bad_profile_stops_a_server_at_startup(capsys, tmp_path, role):
+@pytest.mark.parametrize(
+    "command",
+    [["serve", "edge", "--check"], ["serve", "gateway", "--edge", "127.0.0.1:1", "--check"], ["cluster", "up"]],
+)
+def test_a_bad_profile_stops_a_server_at_startup(capsys, tmp_path, command):
     profile = tmp_path / "summary.json"
     profile.write_text('{"num_inference_steps": 4}')
-    line = refusal(capsys, "serve", *role, "--profile", str(profile), "--check")
+    port = ["--port", str(free_port()), "--http-port", "0"]
+    line = refusal(capsys, *command, *port, "--profile", str(profile))
     assert line.startswith(f"hybrid-sd: error: switch profile {profile}: not a sweep summary or pair evaluation")

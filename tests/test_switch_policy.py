@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def test_the_largest_k_meeting_the_target():
     assert choice.predicted_latency_s == pytest.approx(1.85)
     assert choice.quality == pytest.approx(0.66)  # the profile at 4 of 10
     assert choice.reason == "largest k meeting the target"
+
+
+def test_the_choice_is_logged_with_its_inputs(caplog):
+    with caplog.at_level(logging.INFO, logger="hybrid_sd.switch_policy"):
+        policy([1]).choose(auto(3.0))
+    assert caplog.messages == [
+        "switch step 3 of 10 (largest k meeting the target): predicted 2.850 s, quality 0.620;"
+        " cloud queue 1, occupancy 1"
+    ]
 
 
 def test_k_falls_toward_the_edge_as_the_queue_grows():
