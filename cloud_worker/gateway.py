@@ -42,6 +42,8 @@ from hybrid_sd.rpc_server import (
 from hybrid_sd.service_metrics import ServiceMetrics
 from hybrid_sd.stages import stage
 from hybrid_sd.streams import as_events
+from hybrid_sd.switch_policy import SwitchPolicy
+from hybrid_sd.switch_profile import SwitchProfile
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.web.server import http_face
@@ -71,6 +73,7 @@ class GatewayConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
     ray_log_level: int = logging.ERROR  # Ray's and Serve's logging in this process (their own handlers)
+    switch_profile: SwitchProfile | None = None  # quality against switch step, for auto_switch requests
 
 
 class GatewayCloudDenoiserServicer(pb_grpc.CloudDenoiserServicer):
@@ -169,7 +172,14 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
     edge = GrpcEdgeClient(open_channel(config.edge, config.security.peer_credentials()), config.edge_token)
     metrics = ServiceMetrics()
     metrics.watch_queue(lambda: cloud.pending)
-    generate = metrics.measured(ServerGeneration(cloud, edge, config.pair_name, config.limits))
+    policy = SwitchPolicy(
+        config.switch_profile,
+        lambda: cloud.pending,
+        lambda: None if cloud.alive else "no cloud replica running",
+        config.replicas.replicas,
+    )
+    metrics.watch_switch(policy.inputs)
+    generate = metrics.measured(ServerGeneration(cloud, edge, config.pair_name, config.limits, chooser=policy))
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_HybridDiffusionServicer_to_server(HybridDiffusionServicer(generate), server)

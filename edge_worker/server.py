@@ -43,6 +43,8 @@ from hybrid_sd.rpc_server import (
 from hybrid_sd.service_metrics import ServiceMetrics
 from hybrid_sd.stages import stage
 from hybrid_sd.streams import as_events
+from hybrid_sd.switch_policy import SwitchPolicy
+from hybrid_sd.switch_profile import SwitchProfile
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.web.server import http_face
@@ -68,6 +70,7 @@ class EdgeConfig:
     http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
     max_batch: int = 1  # requests whose steps share a UNet call (a site edge serving many clients: more)
     batch_wait_s: float = 0.0
+    switch_profile: SwitchProfile | None = None  # quality against switch step, for auto_switch requests started here
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
 
@@ -104,6 +107,16 @@ class EdgeWorker:
 
     def queue_depth(self) -> int:
         return self.half.lane.waiting if self.half is not None else 0
+
+    def cloud_calls(self) -> int:
+        """This worker's calls outstanding at the cloud (what it knows of the cloud's queue)."""
+        return self.cloud.in_flight if self.cloud is not None else 0
+
+    def cloud_down(self) -> str | None:
+        """Why the cloud cannot take this worker's requests now, or None when it can."""
+        if self.cloud is None:
+            return "no cloud configured"
+        return None if self.cloud.reachable else "cloud unreachable"
 
     async def describe(self, deadline: float | None = None) -> EdgeProfile:
         return await self._loaded().describe(deadline)
@@ -148,8 +161,10 @@ async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
     worker = EdgeWorker(config)
     metrics = ServiceMetrics()
     metrics.watch_queue(worker.queue_depth)
+    policy = SwitchPolicy(config.switch_profile, worker.cloud_calls, worker.cloud_down)
+    metrics.watch_switch(policy.inputs)
     generate = metrics.measured(
-        ServerGeneration(worker.cloud, worker, config.pair_name, config.limits, config.cloud_timeout)
+        ServerGeneration(worker.cloud, worker, config.pair_name, config.limits, config.cloud_timeout, policy)
     )
 
     def register(server: grpc.aio.Server) -> None:

@@ -21,6 +21,7 @@ from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import STAGES, CallOptions, EdgeResult, GenerationResult, Handoff, OutputSpec
+from hybrid_sd.switch_policy import SwitchChooser, resolve_switch
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,15 @@ class Generate(Protocol):
 
 @dataclass(frozen=True)
 class ServerGeneration:
-    """A server's one generation, :func:`generate` with its halves, pair, limits and cloud timeout bound: what
-    its gRPC and HTTP faces both call (a :class:`Generate`)."""
+    """A server's one generation, :func:`generate` with its halves, pair, limits, cloud timeout and switch-point
+    policy bound: what its gRPC and HTTP faces both call (a :class:`Generate`)."""
 
     cloud: CloudHalf | None
     edge: EdgeHalf
     served_pair: str | None = None
     limits: RequestLimits | None = None
     cloud_timeout: float | None = None  # seconds the cloud half may take, so that a fallback has time to run
+    chooser: SwitchChooser | None = None  # chooses the switch step of auto_switch requests
 
     async def __call__(
         self,
@@ -92,6 +94,7 @@ class ServerGeneration:
             on_progress,
             self.served_pair,
             self.limits,
+            self.chooser,
         )
 
 
@@ -105,15 +108,18 @@ async def generate(
     on_progress: ProgressCallback | None = None,
     served_pair: str | None = None,
     limits: RequestLimits | None = None,
+    chooser: SwitchChooser | None = None,
 ) -> GenerationResult:
     """Generate one image. ``deadline`` is the caller's (wall clock); ``cloud_timeout`` seconds, if sooner,
     bounds the cloud half so that an edge fallback still has time to run. ``on_progress`` hears of
     every UNet evaluation on either side. A call naming a pair other than ``served_pair``, or over
-    ``limits``, is refused before any work."""
+    ``limits``, is refused before any work. ``chooser`` picks the switch step of an ``auto_switch``
+    request (without one, such a request is refused) and learns from every result."""
     started = time.perf_counter()
     if options.pair and served_pair and options.pair != served_pair:
         raise ValueError(f"pair {options.pair!r} is not served here; this server runs {served_pair!r}")
     request.check()
+    request, choice = resolve_switch(request, chooser)
     profile = await edge.describe(deadline)
     request = profile.fill(request.with_defaults())
     if limits is not None:
@@ -141,7 +147,7 @@ async def generate(
     result = await edge.refine(start, options.output, deadline, on_progress)
     edge_wall = time.perf_counter() - edge_started
     timings = _timings(handoff, result, cloud_wall, edge_wall, time.perf_counter() - started)
-    return GenerationResult(
+    generated = GenerationResult(
         request=result.request,
         unet_evaluations={"cloud": handoff.unet_evaluations if handoff else 0, "edge": result.unet_evaluations},
         handoff_bytes=len(handoff.payload) if handoff else 0,
@@ -156,7 +162,11 @@ async def generate(
         edge_fallback=fell_back,
         request_id=options.request_id,
         batch_sizes={"cloud": handoff.batch_sizes if handoff else [], "edge": result.batch_sizes},
+        switch_choice=choice,
     )
+    if chooser is not None:
+        chooser.observe(generated)
+    return generated
 
 
 def _edge_only(request: GenerationRequest) -> GenerationRequest:

@@ -54,8 +54,16 @@ class GrpcCloudClient:
     """Steps [0, k) on a remote gateway's CloudDenoiser."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str | None = None):
+        self._channel = channel
         self._stub = pb_grpc.CloudDenoiserStub(channel)
         self._metadata = call_metadata(token)
+        self.in_flight = 0  # calls waiting for their handoff
+
+    @property
+    def reachable(self) -> bool:
+        """False while the channel is failing to connect (it keeps trying, so this turns True when it can)."""
+        down = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+        return self._channel.get_state(try_to_connect=True) not in down
 
     async def denoise(
         self,
@@ -64,11 +72,16 @@ class GrpcCloudClient:
         deadline: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> Handoff:
-        with _peer_errors("cloud"):
-            stub = self._stub
-            message = await _reporting_call(
-                stub.Denoise, stub.DenoiseStream, denoise_to_pb(request, edge), deadline, self._metadata, on_progress
-            )
+        call = denoise_to_pb(request, edge)
+        self.in_flight += 1
+        try:
+            with _peer_errors("cloud"):
+                stub = self._stub
+                message = await _reporting_call(
+                    stub.Denoise, stub.DenoiseStream, call, deadline, self._metadata, on_progress
+                )
+        finally:
+            self.in_flight -= 1
         return handoff_from_pb(message)
 
 

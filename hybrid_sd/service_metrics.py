@@ -1,5 +1,6 @@
-"""A server's Prometheus metrics (``/metrics`` on its HTTP face): calls by protocol, method and status, and
-what each generation it served measured (stage latencies, switch step, fallbacks, handoff bytes)."""
+"""A server's Prometheus metrics (``/metrics`` on its HTTP face): calls by protocol, method and status, what
+each generation it served measured (stage latencies, switch step, fallbacks, handoff bytes), and the inputs of
+its switch-point policy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 
 SWITCH_STEP_BUCKETS = (0, 1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 100)
 BYTES_BUCKETS = tuple(4**power * 1024 for power in range(10))  # 1 KiB to 256 MiB
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The switch-point policy's inputs (SwitchPolicy.inputs), each a gauge hybrid_sd_switch_<name>, read at each scrape.
+SWITCH_INPUTS = {
+    "cloud_queue_depth": "Calls outstanding at the cloud, as the switch-point policy sees them",
+    "cloud_occupancy": "Requests a new one would share each cloud UNet call with (itself included)",
+    "cloud_step_seconds": "Estimated seconds of a cloud step at that occupancy (NaN: not yet known)",
+    "edge_step_seconds": "Estimated seconds of an edge step (NaN: not yet known)",
+    "handoff_seconds": "Estimated seconds of a handoff: encode, transfer, decode",
+    "chosen_switch_step": "The switch step the policy chose last (NaN: none yet)",
+}
 
 
 class ServiceMetrics:
@@ -64,6 +74,12 @@ class ServiceMetrics:
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Report ``depth()`` as the queue depth, read at each scrape."""
         self.queue_depth.set_function(depth)
+
+    def watch_switch(self, inputs: Callable[[], dict[str, float]]) -> None:
+        """Report the switch-point policy's ``inputs()`` (keys of :data:`SWITCH_INPUTS`), read at each scrape."""
+        for name, description in SWITCH_INPUTS.items():
+            gauge = Gauge(f"hybrid_sd_switch_{name}", description, registry=self.registry)
+            gauge.set_function(lambda name=name: inputs()[name])
 
     def count(self, protocol: str, method: str, status: str) -> None:
         self.requests.labels(protocol, method, status).inc()

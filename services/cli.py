@@ -20,6 +20,10 @@ DEFAULT_GATEWAY_HTTP_PORT = 8080
 DEFAULT_EDGE_HTTP_PORT = 8081
 HTTP_HELP = "port of the HTTP face: JSON, server-sent events, A1111's txt2img, /metrics, the page at / (0: no HTTP)"
 DEFAULT_MAX_BATCH = 8
+PROFILE_HELP = (
+    "quality against switch step for auto_switch requests: a sweep's summary.json or a pair's evaluation.json"
+    " (default: the shapes pair's own, when serving it)"
+)
 THREADS_HELP = "torch intra-op threads (default: torch's); cloud and edge need the same for a bit-exact split"
 
 
@@ -36,6 +40,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     edge.add_argument("--torch-threads", type=int, help=THREADS_HELP)
     edge.add_argument("--bundle", dest="edge_bundle", type=Path, help="the same as --edge-bundle")
     _add_batch_arguments(edge, 1, "a site edge serving many clients")
+    edge.add_argument("--profile", type=Path, help=PROFILE_HELP + "; for requests that start at this edge")
     edge.set_defaults(handler=run_serve_edge)
 
     gateway = serve.add_parser("gateway", help="the cloud gateway and its Ray Serve denoiser replicas")
@@ -43,6 +48,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(gateway)
     gateway.add_argument("--edge", required=True, help="HOST:PORT of the edge worker")
     gateway.add_argument("--edge-token", default=env_value("HYBRID_SD_EDGE_TOKEN"), help="token for --edge")
+    gateway.add_argument("--profile", type=Path, help=PROFILE_HELP)
     _add_ray_arguments(gateway)
     gateway.set_defaults(handler=run_serve_gateway)
 
@@ -66,6 +72,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
     _add_batch_arguments(up, DEFAULT_MAX_BATCH, "each denoiser replica")
+    up.add_argument("--profile", type=Path, help=PROFILE_HELP + " (gateway and edge)")
     add_limit_arguments(up)
     _add_log_dir_argument(up)
     up.add_argument("--generate", metavar="PROMPT", help="make one Generate call through the gateway, then stop")

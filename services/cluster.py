@@ -15,6 +15,7 @@ from hybrid_sd.cli.health import check_health
 from hybrid_sd.limits import RequestLimits, limits_from_args
 from hybrid_sd.ports import check_can_listen
 from hybrid_sd.stages import stage
+from hybrid_sd.switch_profile import load_profile
 from services.logs import print_stages
 from services.serve import interrupt
 from services.supervisor import Child, Supervisor
@@ -33,6 +34,9 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
+    if args.profile:
+        load_profile(args.profile)  # a bad file fails here, not in both children
+        common += ["--profile", str(args.profile)]
     base = [sys.executable, "-m", "hybrid_sd.cli", "--verbose"]  # the full log, here or in its file
     edge_command = [*base, "serve", "edge", "--port", str(args.port + 1), "--cloud", gateway, *common]
     edge_command += ["--http-port", str(http_ports[1])]

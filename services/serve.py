@@ -17,6 +17,7 @@ from hybrid_sd.limits import limits_from_args
 from hybrid_sd.ports import check_can_listen, check_port
 from hybrid_sd.presets import DEFAULT_PAIR, PairSpec
 from hybrid_sd.stages import stage
+from hybrid_sd.switch_profile import SwitchProfile, default_profile, load_profile
 from services.logs import route_logs
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ def _pair(args: argparse.Namespace) -> tuple[str, PairSpec]:
     return name, pair_spec(args)
 
 
+def _switch_profile(args: argparse.Namespace, pair_name: str) -> SwitchProfile | None:
+    """``--profile``, else the served pair's shipped one (None for a pair without); a bad file fails now."""
+    return load_profile(args.profile) if args.profile else default_profile(pair_name)
+
+
 def run_serve_edge(args: argparse.Namespace) -> None:
     _check_listen(args, "edge worker")
     _check_target("--cloud", args.cloud)
@@ -93,6 +99,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         limits=limits_from_args(args),
         http_port=args.http_port or None,
         **_batching(args),
+        switch_profile=_switch_profile(args, name),
     )
     if args.check:
         print(f"edge configuration is valid: {spec.edge} on {args.host}:{args.port}")
@@ -142,6 +149,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
         limits=limits_from_args(args),
         http_port=args.http_port or None,
         ray_log_level=logging.INFO if args.verbose else logging.ERROR,
+        switch_profile=_switch_profile(args, name),
     )
     if args.check:
         print(f"gateway configuration is valid: {spec.cloud} on {args.host}:{args.port}, edge {args.edge}")

@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
 from hybrid_sd.pairs import ModelPair, load_pair, preset
 from hybrid_sd.presets import PairSpec
+from tests.serving import LoopThread
 
 # Any skip but those marked may_skip fails the run (skip_policy.py).
 pytest_plugins = ["skip_policy"]
@@ -68,3 +69,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop on a thread of its own, for the servers a module's tests run (tests/serving.py)."""
+    thread = LoopThread()
+    yield thread
+    thread.close()

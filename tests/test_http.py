@@ -26,19 +26,12 @@ from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.web.statuses import error_of
 from tests.browser import chromium_driver
-from tests.serving import LoopThread, channel, free_port
+from tests.serving import channel, free_port
 
 TOKEN = "s3cret"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 LIMITS = RequestLimits(max_steps=1000)
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "out"
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,13 @@ from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
-from tests.serving import BATCHED_LATENT_TOLERANCE, LoopThread, channel, free_port
+from tests.serving import BATCHED_LATENT_TOLERANCE, channel, free_port
 
 STEPS = 6
 # Long requests (900 steps) for the deadline and cancellation tests.
 LONG_RUNS = RequestLimits(max_steps=1000)
 # Serve hands the replica 2 * 8 + 2 requests at once and queues 4 more: a 23rd is refused.
 REPLICAS = ReplicaConfig(max_queued_requests=4, max_batch=8)
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from hybrid_sd.credentials import Security
 from hybrid_sd.limits import CHANNEL_OPTIONS
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
-from tests.serving import LoopThread, channel, free_port
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
+from tests.serving import channel, free_port
 
 
 def request(**fields) -> pb.GenerateRequest:

@@ -12,6 +12,8 @@ from hybrid_sd.cli.arguments import add_client_security_arguments, add_model_arg
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
 
+AUTO = "auto"  # --switch-step auto: the server chooses
+
 if TYPE_CHECKING:
     from hybrid_sd.lane import Progress
     from hybrid_sd.results import GenerationResult
@@ -22,7 +24,14 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="generate one image, switching models at --switch-step")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--negative-prompt")
-    generate.add_argument("--switch-step", type=int, help="cloud steps before the handoff (default: 40%% of --steps)")
+    generate.add_argument(
+        "--switch-step",
+        type=switch_step_value,
+        help="cloud steps before the handoff (default: 40%% of --steps); 'auto': the server chooses (needs --target)",
+    )
+    generate.add_argument(
+        "--latency-target", type=float, metavar="S", help="with --switch-step auto: end-to-end seconds to meet"
+    )
     generate.add_argument("--steps", type=int, default=25, help="denoising steps in all (default: 25)")
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, reported in --json)")
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
@@ -49,11 +58,28 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate.set_defaults(handler=run_generate)
 
 
+def switch_step_value(text: str) -> int | str:
+    """``--switch-step``: a number of steps, or ``auto``."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or {AUTO!r}, got {text!r}") from None
+
+
 def run_generate(args: argparse.Namespace) -> None:
+    auto = args.switch_step == AUTO
+    if auto and not args.target:
+        raise ValueError("--switch-step auto needs --target: a gateway or edge worker chooses the switch step")
+    if args.latency_target is not None and not auto:
+        raise ValueError("--latency-target needs --switch-step auto")
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        switch_step=args.switch_step,
+        switch_step=None if auto else args.switch_step,
+        auto_switch=auto,
+        latency_target_s=args.latency_target,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale,
@@ -118,7 +144,9 @@ def write_outputs(result: GenerationResult, args: argparse.Namespace, image_form
     if args.json:
         print(json.dumps(result.summary()))
     else:
-        print(f"wrote {args.out} (seed {result.request.seed}, switch step {result.request.switch_step})")
+        choice = result.switch_choice
+        chosen = f", chosen: {choice.reason}, predicted {choice.predicted_latency_s:.2f} s" if choice else ""
+        print(f"wrote {args.out} (seed {result.request.seed}, switch step {result.request.switch_step}{chosen})")
 
 
 def save_latents(latents, path: Path) -> None:

@@ -1,0 +1,130 @@
+"""Choosing the switch step of an ``auto_switch`` request from a quality profile and the live costs (see
+docs/design.md, "Choosing the switch point"). A server holds one :class:`SwitchPolicy`; :func:`resolve_switch`
+applies it before a generation's cloud half, and each completed generation teaches it its costs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+from hybrid_sd.request import DEFAULT_SWITCH_FRACTION, GenerationRequest
+from hybrid_sd.results import GenerationResult, SwitchChoice
+from hybrid_sd.switch_costs import CostModel
+from hybrid_sd.switch_profile import SwitchProfile
+
+logger = logging.getLogger(__name__)
+
+# Without a target, the default switch step holds while its predicted latency stays within this factor of
+# what it takes a request alone (no queue); beyond, the choice aims at that bound.
+LOAD_FACTOR = 1.5
+
+
+class SwitchChooser(Protocol):
+    def choose(self, request: GenerationRequest) -> SwitchChoice:
+        """The switch step for an ``auto_switch`` request, and why."""
+
+    def observe(self, result: GenerationResult) -> None:
+        """Learn from a completed generation (any switch step, chosen or not)."""
+
+
+def resolve_switch(
+    request: GenerationRequest, chooser: SwitchChooser | None
+) -> tuple[GenerationRequest, SwitchChoice | None]:
+    """``request`` with its switch step chosen where it asks for ``auto_switch`` (auto_switch and the target
+    cleared, as the halves require), and the choice; any other request unchanged, with None."""
+    if not request.auto_switch:
+        return request, None
+    if chooser is None:
+        raise ValueError(
+            "auto_switch: this caller has no switch-point policy (in-process generation has none);"
+            " set switch_step, or ask a gateway or edge worker, which choose it"
+        )
+    choice = chooser.choose(request)
+    resolved = dataclasses.replace(request, switch_step=choice.switch_step, auto_switch=False, latency_target_s=None)
+    return resolved, choice
+
+
+class SwitchPolicy:
+    """Chooses k from ``profile`` (quality against k; cold-start latencies) and the live costs: ``queue_depth()``,
+    the calls outstanding at the cloud; ``cloud_down()``, why the cloud cannot be used now (None when it can);
+    ``slots``, the cloud's replicas."""
+
+    def __init__(
+        self,
+        profile: SwitchProfile | None,
+        queue_depth: Callable[[], int],
+        cloud_down: Callable[[], str | None],
+        slots: int = 1,
+    ):
+        self.profile = profile
+        self.queue_depth, self.cloud_down, self.slots = queue_depth, cloud_down, slots
+        seed = profile.cold_step_costs() if profile else None
+        self.costs = CostModel.seeded(*seed) if seed else CostModel()
+        self.last: SwitchChoice | None = None
+
+    def choose(self, request: GenerationRequest) -> SwitchChoice:
+        """The largest k whose predicted latency meets the target (without one: the default 40% unless load
+        pushes it past ``LOAD_FACTOR`` times its lone latency); none meeting it: the fastest k; the cloud
+        down: 0."""
+        steps = request.num_inference_steps
+        default = round(DEFAULT_SWITCH_FRACTION * steps)
+        queued = self.queue_depth()
+        down = self.cloud_down()
+        predicted = {k: self.costs.latency(k, steps, queued, self.slots) for k in range(steps + 1)}
+        if down is not None:
+            k, reason = 0, f"{down}: edge alone"
+        elif any(latency is None for latency in predicted.values()):
+            k, reason = default, "no measurements yet: default 40%"
+        elif request.latency_target_s is not None:
+            k, reason = _within(predicted, request.latency_target_s, "largest k meeting the target")
+        else:
+            k, reason = self._without_target(predicted, default, steps)
+        quality = self.profile.quality_at(k, steps) if self.profile else None
+        choice = SwitchChoice(k, predicted[k] if predicted[k] is not None else 0.0, quality, reason)
+        shown = "n/a" if quality is None else f"{quality:.3f}"
+        occupancy = self.costs.occupancy(queued, self.slots)
+        logger.info(
+            "switch step %d of %d (%s): predicted %.3f s, quality %s; cloud queue %d, occupancy %d",
+            *(k, steps, reason, choice.predicted_latency_s, shown, queued, occupancy),
+        )
+        self.last = choice
+        return choice
+
+    def _without_target(self, predicted: dict[int, float], default: int, steps: int) -> tuple[int, str]:
+        """The default k while load keeps it within ``LOAD_FACTOR`` times its lone latency, else that bound's k."""
+        bound = LOAD_FACTOR * self.costs.latency(default, steps, 0, self.slots)
+        if predicted[default] <= bound:
+            return default, "default 40%"
+        return _within(predicted, bound, f"load: largest k within {LOAD_FACTOR}x the lone latency at 40%")
+
+    def observe(self, result: GenerationResult) -> None:
+        self.costs.observe(result)
+
+    def inputs(self) -> dict[str, float]:
+        """What the choice reads now (NaN where unknown), for the server's metrics."""
+        queued = self.queue_depth()
+        occupancy = self.costs.occupancy(queued, self.slots)
+        cloud_step = self.costs.cloud_step_at(occupancy)
+        return {
+            "cloud_queue_depth": queued,
+            "cloud_occupancy": occupancy,
+            "cloud_step_seconds": math.nan if cloud_step is None else cloud_step,
+            "edge_step_seconds": _or_nan(self.costs.edge_step.value),
+            "handoff_seconds": _or_nan(self.costs.handoff.value),
+            "chosen_switch_step": math.nan if self.last is None else self.last.switch_step,
+        }
+
+
+def _within(predicted: dict[int, float], bound: float, reason: str) -> tuple[int, str]:
+    """The largest k predicted within ``bound``, else the fastest (the larger k on a tie)."""
+    feasible = [k for k, latency in predicted.items() if latency <= bound]
+    if feasible:
+        return max(feasible), reason
+    return min(predicted, key=lambda k: (predicted[k], -k)), "fastest: no k meets the target"
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
