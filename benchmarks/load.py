@@ -6,7 +6,7 @@ The target is twice a lone hybrid request's latency (k = 8, the median of a few,
 default to 0.3, 0.6 and 1.2 requests per lone latency (the last one past what one request at a time serves).
 Writes benchmarks/results/load.json, load.png and each policy's bench folder under benchmarks/results/load/.
 
-    .venv/bin/python benchmarks/load.py [--duration 15] [--rates 0.2,0.4,0.8] [--policies cloud,auto]
+    .venv/bin/python benchmarks/load.py [--duration 20] [--rates 0.2,0.4,0.8] [--policies cloud,auto]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def bench_policy(target: str, policy: str, rates: str, latency_target: float, ar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per rate (default: 15)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate (default: 20)")
     parser.add_argument("--rates", help="comma-separated rates per second (default: 0.3, 0.6, 1.2 per lone latency)")
     parser.add_argument("--policies", default=f"cloud,fixed:{HYBRID_K},edge,auto")
     parser.add_argument("--repeats", type=int, default=5, help="lone requests timed for the target (default: 5)")

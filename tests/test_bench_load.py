@@ -22,7 +22,7 @@ from hybrid_sd.cli import main
 from hybrid_sd.load_bench import LoadPlan, Outcome, arrival_times, parse_policy, run_plan, run_rate
 from hybrid_sd.load_report import percentile, summarize_rate, write_csv
 from hybrid_sd.request import GenerationRequest
-from tests.test_serving import cluster, loop  # noqa: F401  (the module's cluster: an edge worker and a gateway)
+from tests.test_serving import cluster, loop  # noqa: F401  (fixtures: an edge worker and a gateway)
 
 
 def test_arrivals_are_seeded_and_bounded_in_count_and_time():
@@ -180,16 +180,22 @@ def test_an_unwritable_out_is_named(tmp_path, capsys):
     assert "--out: cannot write to" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def gateway(request) -> str:
+    """The target of the module's gateway (tests/test_serving.py's cluster, brought up once here)."""
+    return f"127.0.0.1:{request.getfixturevalue('cluster')['gateway']}"
+
+
 def read_rows(folder, name: str = "results.csv") -> list[dict]:
     with open(folder / name, newline="") as file:
         return list(csv.DictReader(file))
 
 
-def test_load_on_a_live_gateway_writes_consistent_files(cluster, tmp_path, capsys):  # noqa: F811
+def test_load_on_a_live_gateway_writes_consistent_files(gateway, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     out = tmp_path / "load"
-    args = ["bench", "load", "--target", f"127.0.0.1:{cluster['gateway']}", "--rates", "1,2", "--duration", "2"]
+    args = ["bench", "load", "--target", gateway, "--rates", "1,2", "--duration", "2"]
     args += ["--policy", "fixed:2", "--steps", "4", "--seed", "5", "--latency-target", "30"]
     assert main([*args, "--prompts", str(prompts), "--out", str(out)]) == 0
     assert "rate" in capsys.readouterr().out  # the table
@@ -220,10 +226,10 @@ def test_load_on_a_live_gateway_writes_consistent_files(cluster, tmp_path, capsy
         assert (out / plot).read_bytes().startswith(b"\x89PNG")
 
 
-def test_auto_policy_records_what_the_server_answers(cluster, tmp_path):  # noqa: F811
+def test_auto_policy_records_what_the_server_answers(gateway, tmp_path):
     """The server side of auto is not settled: whatever it answers, every request sent is a row."""
     out = tmp_path / "auto"
-    args = ["bench", "load", "--target", f"127.0.0.1:{cluster['gateway']}", "--rate", "5", "--max-requests", "2"]
+    args = ["bench", "load", "--target", gateway, "--rate", "5", "--max-requests", "2"]
     args += ["--policy", "auto", "--latency-target", "20", "--steps", "4", "--prompts", "shapes:2", "--out", str(out)]
     assert main(args) == 0
     rows = read_rows(out)
@@ -232,9 +238,9 @@ def test_auto_policy_records_what_the_server_answers(cluster, tmp_path):  # noqa
     assert not list(out.glob("*.png"))  # one rate: no plots
 
 
-def test_ctrl_c_stops_and_writes_what_it_has(cluster, tmp_path):  # noqa: F811
+def test_ctrl_c_stops_and_writes_what_it_has(gateway, tmp_path):
     out = tmp_path / "stopped"
-    command = [sys.executable, "-m", "hybrid_sd.cli", "bench", "load", "--target", f"127.0.0.1:{cluster['gateway']}"]
+    command = [sys.executable, "-m", "hybrid_sd.cli", "bench", "load", "--target", gateway]
     command += ["--rate", "4", "--duration", "60", "--policy", "fixed:2", "--steps", "4"]
     command += ["--prompts", "shapes:2", "--out", str(out)]
     bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
