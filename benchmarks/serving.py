@@ -47,11 +47,13 @@ from tests.serving import channel, free_port  # noqa: E402
 PROMPT = "a large red circle above a small blue square"
 
 
-def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None = None):
-    """``hybrid-sd cluster up`` as processes (edge worker, gateway, Ray replicas), as users run it;
-    this process only makes gRPC calls. Returns a Generate stub and a function that stops it."""
-    port = free_port()
+def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None = None, port: int | None = None):
+    """``hybrid-sd cluster up`` as processes (edge worker, gateway, Ray replicas), as users run it, its
+    gateway on ``port`` (default: a free one) and no HTTP face; this process only makes gRPC calls.
+    Returns a Generate stub and a function that stops it."""
+    port = port or free_port()
     command = [sys.executable, "-m", "hybrid_sd.cli", "cluster", "up", "--port", str(port), "--replicas", str(replicas)]
+    command += ["--http-port", "0"]  # no HTTP face: its fixed default port may be another cluster's
     if torch_threads:
         command += ["--torch-threads", str(torch_threads)]
     cluster = subprocess.Popen([*command, *pair], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+
 from hybrid_sd.credentials import channel_credentials
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import CallOptions, GenerationResult
@@ -22,7 +24,18 @@ async def generate_remote(
 ) -> GenerationResult:
     """Call ``HybridDiffusion.Generate`` on ``target`` (a gateway or an edge worker)."""
     async with open_channel(target, channel_credentials(tls_ca)) as channel:
-        response = await pb_grpc.HybridDiffusionStub(channel).Generate(
-            call_to_pb(request, options), timeout=timeout, metadata=call_metadata(token)
-        )
+        return await generate_on(channel, request, options, token, timeout)
+
+
+async def generate_on(
+    channel: grpc.aio.Channel,
+    request: GenerationRequest,
+    options: CallOptions,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> GenerationResult:
+    """Call ``HybridDiffusion.Generate`` over an open channel (one shared by many calls)."""
+    response = await pb_grpc.HybridDiffusionStub(channel).Generate(
+        call_to_pb(request, options), timeout=timeout, metadata=call_metadata(token)
+    )
     return result_from_pb(response, request)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from hybrid_sd.cli.arguments import check_tokens
+from hybrid_sd.cli.bench import add_bench_command
 from hybrid_sd.cli.generate import add_generate_command
 from hybrid_sd.cli.health import add_health_command
 from hybrid_sd.cli.sweep import add_sweep_command
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(commands)
     add_health_command(commands)
     add_sweep_command(commands)
+    add_bench_command(commands)
     add_train_commands(commands)
     for plugin in entry_points(group="hybrid_sd.commands"):  # serve and cluster (services), compress (compression)
         plugin.load()(commands)

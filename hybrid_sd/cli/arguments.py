@@ -45,6 +45,15 @@ def add_client_security_arguments(parser: argparse.ArgumentParser | argparse._Ar
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify a TLS server with")
 
 
+def add_remote_arguments(group: argparse._ArgumentGroup, required: bool = False) -> None:
+    """``--target``, ``--timeout`` and the client security options of a command that calls a server;
+    unless ``required``, a command without ``--target`` generates in-process."""
+    in_process = "" if required else "; without it, generate in-process"
+    group.add_argument("--target", required=required, help=f"HOST:PORT of a hybrid-sd server{in_process}")
+    group.add_argument("--timeout", type=float, help="deadline of each call in seconds")
+    add_client_security_arguments(group)
+
+
 def env_value(name: str) -> str | None:
     """An environment variable as an option's default; empty is unset, as in docker-compose.yml."""
     return os.environ.get(name) or None

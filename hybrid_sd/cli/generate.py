@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybrid_sd.cli.arguments import add_client_security_arguments, add_model_arguments, local_pair_spec
+from hybrid_sd.cli.arguments import add_model_arguments, add_remote_arguments, local_pair_spec
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
 
@@ -48,13 +48,11 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--latents-out", type=Path, help="write the final latents (key 'latents') here")
     generate.add_argument("--json", action="store_true", help="print one JSON object with seed, timings, counts")
     remote = generate.add_argument_group("remote (with --target: a gRPC call to a gateway or an edge worker)")
-    remote.add_argument("--target", help="HOST:PORT of a hybrid-sd server; without it, generate in-process")
-    remote.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    add_remote_arguments(remote)
     remote.add_argument("--allow-edge-fallback", action="store_true", help="let the edge finish alone if needed")
     remote.add_argument(
         "--exact", action="store_true", help="never batch this request's steps with others': bit for bit as diffusers"
     )
-    add_client_security_arguments(remote)
     generate.set_defaults(handler=run_generate)
 
 

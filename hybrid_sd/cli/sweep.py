@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hybrid_sd.cli.arguments import add_client_security_arguments, add_model_arguments, local_pair_spec, read_prompts
+from hybrid_sd.cli.arguments import add_model_arguments, add_remote_arguments, local_pair_spec, read_prompts
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
@@ -28,9 +28,7 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--out", type=Path, required=True, help="folder for results, plots and report (resumable)")
     add_model_arguments(sweep)
     remote = sweep.add_argument_group("remote (with --target: gRPC calls to a gateway or an edge worker)")
-    remote.add_argument("--target", help="HOST:PORT of a hybrid-sd server; without it, generate in-process")
-    remote.add_argument("--timeout", type=float, help="deadline of each call in seconds")
-    add_client_security_arguments(remote)
+    add_remote_arguments(remote)
     sweep.set_defaults(handler=run_sweep_command)
 
 
