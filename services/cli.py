@@ -71,7 +71,7 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
     up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
-    _add_batch_arguments(up, DEFAULT_MAX_BATCH, "each denoiser replica")
+    _add_batch_arguments(up, DEFAULT_MAX_BATCH, "each denoiser replica and the edge worker")
     up.add_argument("--profile", type=Path, help=PROFILE_HELP + " (gateway and edge)")
     add_limit_arguments(up)
     _add_log_dir_argument(up)

@@ -34,6 +34,8 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
     if args.torch_threads:
         common += ["--torch-threads", str(args.torch_threads)]
+    # The embedded edge worker serves every client of the cluster: it batches as the replicas do.
+    common += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     if args.profile:
         load_profile(args.profile)  # a bad file fails here, not in both children
         common += ["--profile", str(args.profile)]
@@ -42,7 +44,6 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     edge_command += ["--http-port", str(http_ports[1])]
     gateway_command = [*base, "serve", "gateway", "--port", str(args.port), "--edge", edge, *common]
     gateway_command += ["--http-port", str(http_ports[0]), "--replicas", str(args.replicas)]
-    gateway_command += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     logs = None if args.verbose else args.log_dir
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from hybrid_sd.cli import main
 from hybrid_sd.load_bench import LoadPlan, Outcome, arrival_times, parse_policy, run_plan, run_rate
 from hybrid_sd.load_report import percentile, summarize_rate, write_csv
 from hybrid_sd.request import GenerationRequest
-from tests.test_serving import cluster, loop  # noqa: F401  (fixtures: an edge worker and a gateway)
+from tests.test_serving import cluster  # noqa: F401  (fixture: an edge worker and a gateway)
 
 
 def test_arrivals_are_seeded_and_bounded_in_count_and_time():
@@ -209,7 +209,10 @@ def test_load_on_a_live_gateway_writes_consistent_files(gateway, tmp_path, capsy
         assert {row["status"] for row in at_rate} == {"OK"} and entry["completed"] == entry["sent"]
         latencies = [float(row["latency"]) for row in at_rate]
         sent = [float(row["sent"]) for row in at_rate]
-        assert min(latencies) > 0 and sent == sorted(sent) and sent[-1] < 2.0
+        assert min(latencies) > 0 and sent == sorted(sent)
+        # Open loop: each request goes out at its arrival time (a busy machine may add a little), whatever came back.
+        scheduled = arrival_times(rate, 2.0, None, seed=5)
+        assert all(0 <= actual - planned < 0.5 for actual, planned in zip(sent, scheduled, strict=True))
         span = max(s + latency for s, latency in zip(sent, latencies, strict=True))
         assert entry["throughput_rps"] == pytest.approx(entry["completed"] / span)
         assert entry["goodput"] == 1.0 and entry["errors"] == {}
