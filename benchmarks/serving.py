@@ -9,7 +9,8 @@
 - throughput: requests per second with 8 concurrent clients against one at a time, for 1 and 2
   denoiser replicas of the shapes pair (all requests at switch_step = N, so the cloud does all denoising).
 
-    .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5] [--bytes-only]
+    .venv/bin/python benchmarks/serving.py [--sd15] [--repeats 5] [--tiny-repeats 20] [--pairs shapes]
+        [--bytes-only | --overhead-only]
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ def overhead_and_throughput(args: argparse.Namespace) -> dict:
             args.tiny_repeats,
         )
         for name, steps, k in (("shapes", 20, 8), ("tiny-sd1", 25, 10))
+        if name in args.pairs
     ]
     if args.sd15:
         with tempfile.TemporaryDirectory() as folder:
@@ -200,7 +202,8 @@ def overhead_and_throughput(args: argparse.Namespace) -> dict:
                     args.repeats,
                 )
             )
-    results["throughput"] = [throughput(replicas) for replicas in (1, 2)]
+    if not args.overhead_only:
+        results["throughput"] = [throughput(replicas) for replicas in (1, 2)]
     return results
 
 
@@ -210,14 +213,17 @@ def main() -> None:
     parser.add_argument("--tiny-repeats", type=int, default=20)
     parser.add_argument("--sd15", action="store_true", help="also the SD 1.5-architecture overhead (minutes)")
     parser.add_argument("--bytes-only", action="store_true", help="only the handoff bytes (seconds, no cluster)")
+    parser.add_argument("--overhead-only", action="store_true", help="only served against in-process")
+    parser.add_argument("--pairs", nargs="*", default=["shapes", "tiny-sd1"], help="the 64x64 overhead cases")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     args = parser.parse_args()
-    results: dict = {"overhead": [], "throughput": []}
-    results["bytes"] = [
-        handoff_bytes(family, size, dtype)
-        for family, size in (("sd1", 512), ("sdxl", 1024))
-        for dtype in (torch.float32, torch.float16)
-    ]
+    results: dict = {"overhead": [], "throughput": [], "bytes": []}
+    if not args.overhead_only:
+        results["bytes"] = [
+            handoff_bytes(family, size, dtype)
+            for family, size in (("sd1", 512), ("sdxl", 1024))
+            for dtype in (torch.float32, torch.float16)
+        ]
     if not args.bytes_only:
         results.update(overhead_and_throughput(args))
 
@@ -230,7 +236,8 @@ def main() -> None:
             f"{row['case']:58} {row['in_process_s']:13.3f} {row['served_s']:9.3f} {row['ratio']:6.3f}"
             f" {row['added_ms']:9.1f}"
         )
-    print(f"\n{'handoff':24} {'full B':>10} {'lean B':>10} {'latents':>9} {'conditioning':>13} {'sampler':>9}")
+    if results["bytes"]:
+        print(f"\n{'handoff':24} {'full B':>10} {'lean B':>10} {'latents':>9} {'conditioning':>13} {'sampler':>9}")
     for row in results["bytes"]:
         print(
             f"{row['case']:24} {row['handoff_bytes']:10d} {row['lean_handoff_bytes']:10d} {row['latents_bytes']:9d}"

@@ -25,7 +25,13 @@ import ray
 from ray import serve
 
 from cloud_worker.deployment import APP_NAME, RayCloudClient, ReplicaConfig, bind, running_replicas
-from cloud_worker.ray_node import START_ATTEMPTS, RayNode, joined_node, start_timed_out
+from cloud_worker.ray_node import (
+    START_ATTEMPTS,
+    RayNode,
+    joined_node,
+    run_workers_at_normal_priority,
+    start_timed_out,
+)
 from hybrid_sd.credentials import Security
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.orchestrate import ServerGeneration
@@ -129,6 +135,11 @@ def _init_ray(**kwargs) -> None:
     30 s registration, the GCS port file), which a busy machine (models loading beside it on two cores) can
     make it miss; the GCS window, which Ray lets one set, is widened unless the environment sets it."""
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    run_workers_at_normal_priority()
+    # Serve's controller reconciles every 0.1 s, each time asking the GCS for every node's resources: 5% of
+    # a core on an idle 2-core machine, with the GCS's share on top, taken from the replica's intra-op
+    # threads. Every 0.5 s is prompt enough for replicas that report their health every 2 s.
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     for attempt in range(1, START_ATTEMPTS + 1):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:

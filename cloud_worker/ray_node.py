@@ -52,6 +52,15 @@ class RayNode:
         return command + shlex.split(self.start_args)
 
 
+def run_workers_at_normal_priority() -> None:
+    """Ray starts its workers, the denoiser replicas among them, at niceness 15 (``worker_niceness``), below
+    its own processes. When a replica's intra-op threads fill the cores, every wakeup of those (GCS, raylet,
+    agents, Serve's controller, the gateway) then stops a replica thread at once and the whole parallel
+    region waits for it. Replicas are this system's work: the nodes this process starts (their raylets read
+    the environment) run them at normal priority, unless the environment says otherwise."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def ray_cli() -> list[str]:
     """Ray's command line from this interpreter's environment (``ray`` on PATH may be another
     installation, or none when the virtualenv is not activated)."""
@@ -99,6 +108,7 @@ def joined_node(node: RayNode, *flags: str) -> Iterator[JoinedNode]:
     """This host as a node of the cluster (``ray start`` with ``flags``) until the block exits; its
     output goes to this process's stderr. A start that timed out is tried again."""
     temp_dir = (node.temp_dir or Path(tempfile.mkdtemp(prefix="hybrid-sd-ray-"))).absolute()
+    run_workers_at_normal_priority()
     command = replace(node, temp_dir=temp_dir).start_command(*flags)
     for attempt in range(1, START_ATTEMPTS + 1):
         process, output = _start(command, temp_dir / CLUSTER_ADDRESS_FILE)
