@@ -10,7 +10,7 @@ requests, same threads.
 
 Every request runs all ``--steps`` steps on the cloud (shapes pair, 64x64, guidance 7.5, DPM-Solver++).
 
-    .venv/bin/python benchmarks/batching.py [--clients 1,2,4,8,16] [--repeats 3] [--served]
+    .venv/bin/python benchmarks/batching.py [--clients 1,2,4,8,16] [--repeats 3] [--served [--served-repeats 2]]
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ def engine_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def served_rows(args: argparse.Namespace) -> list[dict]:
-    """Clusters with batching on and off, alternated ``repeats`` times; medians per client count."""
+    """Clusters with batching on and off, alternated ``served_repeats`` times; medians per client count."""
     rates: dict[str, dict[int, list[float]]] = {"on": {}, "off": {}}
     lone: dict[str, list[float]] = {"on": [], "off": []}
-    for repeat in range(args.repeats):
+    for repeat in range(args.served_repeats):
         for name in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
             max_batch = args.max_batch if name == "on" else 1
             stub, leave = served_cluster(["--pair", PAIR, "--max-batch", str(max_batch)])
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--served", action="store_true", help="also through cluster up (one replica)")
+    parser.add_argument("--served-repeats", type=int, default=2, help="cluster pairs started (each minutes)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/batching.json"))
     args = parser.parse_args()
     args.clients = [int(each) for each in args.clients.split(",")]
