@@ -17,7 +17,6 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cloud_worker.deployment import ReplicaConfig
 from cloud_worker.gateway import GatewayConfig, running_gateway
 from edge_worker.server import EdgeConfig, running_edge
 from hybrid_sd.limits import RequestLimits
@@ -32,8 +31,6 @@ from tests.serving import BATCHED_LATENT_TOLERANCE, channel, free_port
 STEPS = 6
 # Long requests (900 steps) for the deadline and cancellation tests.
 LONG_RUNS = RequestLimits(max_steps=1000)
-# Serve hands the replica 2 * 8 + 2 requests at once and queues 4 more: a 23rd is refused.
-REPLICAS = ReplicaConfig(max_queued_requests=4, max_batch=8)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,6 @@ def cluster(loop, other_defaults_spec):
                 port=gateway_port,
                 ray_num_cpus=2,
                 limits=LONG_RUNS,
-                replicas=REPLICAS,
             )
         )
     )
@@ -156,28 +152,6 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         else:
             torch.testing.assert_close(latents, alone, rtol=0, atol=BATCHED_LATENT_TOLERANCE)
     assert max(size for response in responses for size in response.cloud_batch_sizes) > 1
-
-
-def test_a_full_queue_is_refused_and_the_rest_served(cluster):
-    held = REPLICAS.max_ongoing_requests + REPLICAS.max_queued_requests
-    # Long enough (a few seconds a batch) that every request arrives while the first ones are held.
-    fields = dict(prompt="queued", num_inference_steps=150, switch_step=150, scheduler="euler", seed=1)
-
-    def call(i: int) -> grpc.StatusCode:
-        try:
-            generate(cluster["gateway"], timeout=600, **fields)
-            return grpc.StatusCode.OK
-        except grpc.RpcError as error:
-            return error.code()
-
-    with ThreadPoolExecutor(held + 6) as pool:
-        codes = list(pool.map(call, range(held + 6)))
-    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    # What Serve cannot hold is refused at once; what it held was served (at least a full batch: how many it
-    # takes before its router learns the replica's load varies).
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 6
-    assert codes.count(grpc.StatusCode.OK) >= REPLICAS.max_batch
-    assert generate(cluster["gateway"], **{**fields, "num_inference_steps": 2, "switch_step": 1}).switch_step == 1
 
 
 @pytest.mark.parametrize(
