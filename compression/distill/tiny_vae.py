@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 
 from compression.distill.unet import loss_summary
-from hybrid_sd.shapes_pair.train_pair import batches, optimizer_with_schedule, run_steps
+from hybrid_sd.shapes_pair.training_loop import batches, optimizer_with_schedule, run_steps
 
 TAESD_WIDTH = 64  # diffusers' default AutoencoderTiny block width, that of TAESD
 TAESD_BLOCKS = 3  # blocks per stage, but one in the encoder's first and the decoder's last stage

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 
 from compression.distill.teacher_data import TeacherTrajectories
 from compression.prune.calibration import Calibration
-from hybrid_sd.shapes_pair.train_pair import batches, optimizer_with_schedule, run_steps
+from hybrid_sd.shapes_pair.training_loop import batches, optimizer_with_schedule, run_steps
 
 LOSSES = ("loss", "output", "feature")
 

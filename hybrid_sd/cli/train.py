@@ -8,15 +8,23 @@ from dataclasses import fields
 from pathlib import Path
 
 from hybrid_sd.cli.arguments import quiet_libraries
-from hybrid_sd.shapes_pair.train_config import TrainConfig  # data only: no torch
+from hybrid_sd.shapes_pair.train_config import PRECISIONS, TrainConfig  # data only: no torch
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train-shapes`` and ``evaluate-shapes`` to the ``hybrid-sd`` subcommands."""
-    train = commands.add_parser("train-shapes", help="train the shapes pair (seeded, CPU), evaluate it, write its card")
+    train = commands.add_parser("train-shapes", help="train the shapes pair (seeded), evaluate it, write its card")
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
-        train.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        choices = PRECISIONS if field.name == "precision" else None
+        flag = f"--{field.name.replace('_', '-')}"
+        train.add_argument(flag, type=type(field.default), default=field.default, choices=choices)
+    train.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default: cpu)")
+    train.add_argument(
+        "--checkpoints", type=Path, help="folder for stage checkpoints, written every --checkpoint-minutes"
+    )
+    train.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints")
+    train.add_argument("--resume", action="store_true", help="continue the stopped run in --checkpoints")
     add_evaluation_arguments(train)
     train.set_defaults(handler=run_train)
 
@@ -35,11 +43,17 @@ def run_train(args: argparse.Namespace) -> None:
     from hybrid_sd.user_files import output_folder
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
-    output_folder(args.out)  # both before an hour of training
+    output_folder(args.out)  # all before an hour of training
     output_folder(args.sweep_out, "--sweep-out")
+    if args.checkpoint_minutes <= 0:
+        raise ValueError(f"--checkpoint-minutes: must be positive, got {args.checkpoint_minutes}")
+    from hybrid_sd.devices import check_device
+    from hybrid_sd.shapes_pair.checkpoints import Checkpoints
     from hybrid_sd.shapes_pair.train_pair import train
 
-    train(args.out, config)
+    check_device(args.device)
+    checkpoints = Checkpoints(args.checkpoints, 60 * args.checkpoint_minutes)
+    train(args.out, config, args.device, checkpoints, args.resume)
     _evaluate(args.out, args)
 
 

@@ -47,11 +47,13 @@ def _architecture_table(evaluation: dict) -> list[str]:
 def _training_lines(training: dict) -> list[str]:
     config, stages = training["config"], training["stages"]
     minutes = training["total_seconds"] / 60
+    device = training.get("device", f"cpu ({training['torch_threads']} threads)")  # cards before --device
+    precision = config.get("precision", "fp32")
     lines = [
-        f"Seeded (seed {config['seed']}), on the CPU with {training['torch_threads']} threads, in {minutes:.0f}"
+        f"Seeded (seed {config['seed']}), on {device}, forward passes in {precision}, in {minutes:.0f}"
         f" minutes all told ({', '.join(f'{k} {v}' for k, v in training['versions'].items())}).",
         "",
-        "| stage | what | steps x batch | time | final loss |",
+        "| stage | what | steps x batch (samples) | time | final loss |",
         "| --- | --- | --- | --- | --- |",
         f"| render | {config['images']} captioned 64x64 images of the shapes dataset (seed {config['seed']}) | — |"
         f" {stages['render']['seconds']:.0f} s | — |",
@@ -69,7 +71,8 @@ def _training_lines(training: dict) -> list[str]:
     for name, text in described.items():
         stage = stages[name]
         lines.append(
-            f"| {name} | {text} | {stage['steps']} x {config['batch_size']} | {stage['seconds'] / 60:.1f} min |"
+            f"| {name} | {text} | {stage['steps']} x {config['batch_size']} ({stage['steps'] * config['batch_size']})"
+            f" | {stage['seconds'] / 60:.1f} min |"
             f" {stage['final_loss']:.4f} |"
         )
     return lines
@@ -138,8 +141,10 @@ def write_model_card(pair_dir: Path) -> Path:
         TRAIN_COMMAND,
         "```",
         "",
-        "trains every model with the settings above, runs the evaluation sweep and rewrites this card;"
-        " `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a trained pair. Training is seeded,"
+        "trains every model with the settings above, runs the evaluation sweep and rewrites this card"
+        " (`--checkpoints DIR` checkpoints each stage every five minutes and `--resume` continues a stopped run;"
+        " `--device cuda` trains on a GPU); `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a"
+        " trained pair. Training is seeded,"
         " but CPU kernels differ between machines and thread counts, so a retrained pair matches these numbers"
         " within a tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
         "",

@@ -1,0 +1,130 @@
+"""``hybrid-sd train-shapes`` resumes: a stage stopped part-way continues from its checkpoint to the weights
+an uninterrupted run reaches, finished stages are loaded rather than rerun, and a checkpoint folder is
+only continued with the settings it was started with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybrid_sd.cli import main
+from hybrid_sd.shapes_pair.checkpoints import Checkpoints
+from hybrid_sd.shapes_pair.train_config import TrainConfig
+from hybrid_sd.shapes_pair.train_pair import train
+from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
+
+TINY = TrainConfig(
+    images=64,
+    batch_size=8,
+    vae_crop_steps=2,
+    vae_full_steps=1,
+    large_steps=3,
+    small_steps=2,
+    tiny_steps=2,
+    warmup_steps=1,
+)
+STEPS, STOP_AT = 8, 5
+
+
+class StopTraining(Exception):
+    """What stops the first run part-way, as a killed process would."""
+
+
+def regression_stage(checkpoint, stop_at: int | None = None):
+    """A small MLP fitted with EMA through ``run_steps``; stops before step ``stop_at``. Returns the module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    parameters = list(model.parameters())
+    optimizer, schedule = optimizer_with_schedule(parameters, 1e-2, STEPS, warmup=2)
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(parameters, decay=0.9)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        if step == stop_at:
+            raise StopTraining
+        x = torch.randn(8, 4, generator=step_generator(0, step))
+        return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+    run_steps("fit", STEPS, loss_fn, optimizer, schedule, ema, parameters, model, checkpoint)
+    return model
+
+
+def started(folder) -> Checkpoints:
+    """Checkpoints in ``folder`` at every step, the folder claimed for a run."""
+    checkpoints = Checkpoints(folder, every_s=0)
+    checkpoints.start(TINY, resume=False)
+    return checkpoints
+
+
+def test_a_stage_stopped_part_way_resumes_to_the_uninterrupted_weights(tmp_path):
+    uninterrupted = regression_stage(started(tmp_path / "a").stage("fit"))
+    checkpoint = started(tmp_path / "b").stage("fit")
+    with pytest.raises(StopTraining):
+        regression_stage(checkpoint, stop_at=STOP_AT)
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == STOP_AT
+    resumed = regression_stage(checkpoint)
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == STEPS
+
+
+def test_batches_are_epochs_of_permutations_fixed_by_the_step():
+    indices = torch.cat([batch_at(20, 4, step, seed=3) for step in range(5)])
+    assert sorted(indices.tolist()) == list(range(20))  # one epoch: every item once
+    assert not torch.equal(batch_at(20, 4, 5, seed=3), batch_at(20, 4, 0, seed=3))  # the next: a new order
+    assert torch.equal(batch_at(20, 4, 7, seed=3), batch_at(20, 4, 7, seed=3))
+
+
+def test_a_resumed_run_loads_finished_stages_and_retrains_the_rest_identically(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "checkpoints", every_s=0)
+    record = train(tmp_path / "first", TINY, checkpoints=checkpoints)
+    assert {name: stage.get("samples") for name, stage in record["stages"].items()} == {
+        "render": None,
+        "vae": 24,
+        "large": 24,
+        "small": 16,
+        "tiny": 16,
+    }
+    for stage in ("small", "tiny"):  # as if the run had stopped after the large stage
+        (checkpoints.folder / f"{stage}.pt").unlink()
+    train(tmp_path / "resumed", TINY, checkpoints=checkpoints, resume=True)
+    for part in ("cloud/unet", "cloud/text_encoder", "cloud/vae", "edge-unet", "edge-vae"):
+        (first,) = (tmp_path / "first" / part).glob("*.safetensors")
+        (again,) = (tmp_path / "resumed" / part).glob("*.safetensors")
+        first_weights, again_weights = load_file(first), load_file(again)
+        assert all(torch.equal(first_weights[name], again_weights[name]) for name in first_weights), part
+
+
+def test_a_checkpoint_folder_is_only_continued_with_its_own_settings(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    checkpoints.start(TINY, resume=False)
+    with pytest.raises(ValueError, match="--checkpoints: .* holds a run already; pass --resume"):
+        checkpoints.start(TINY, resume=False)
+    with pytest.raises(ValueError, match=r"--resume: .* other settings: \['large_lr'\]"):
+        checkpoints.start(dataclasses.replace(TINY, large_lr=1e-3), resume=True)
+    checkpoints.start(TINY, resume=True)
+    with pytest.raises(ValueError, match="--resume: needs --checkpoints"):
+        Checkpoints(None).start(TINY, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "cuda:7"], "cuda:7"),
+        (["--checkpoint-minutes", "0"], "--checkpoint-minutes"),
+        (["--precision", "fp8"], "--precision"),
+    ],
+)
+def test_train_shapes_refuses_bad_run_options_naming_them(tmp_path, capsys, flags, message):
+    command = ["train-shapes", "--out", str(tmp_path / "pair"), "--sweep-out", str(tmp_path / "sweep"), *flags]
+    try:
+        code = main(command)
+    except SystemExit as exit:  # argparse's own refusal of a choice
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "pair" / "training.json").exists()
