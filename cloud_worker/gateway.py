@@ -188,6 +188,7 @@ async def running_gateway(config: GatewayConfig) -> AsyncIterator[RunningServer]
         lambda: cloud.pending,
         lambda: None if cloud.alive else "no cloud replica running",
         config.replicas.replicas,
+        lambda: edge.in_flight,
     )
     metrics.watch_switch(policy.inputs)
     generate = metrics.measured(ServerGeneration(cloud, edge, config.pair_name, config.limits, chooser=policy))

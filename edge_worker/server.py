@@ -108,6 +108,10 @@ class EdgeWorker:
     def queue_depth(self) -> int:
         return self.half.lane.waiting if self.half is not None else 0
 
+    def edge_calls(self) -> int:
+        """Requests on this worker's lane or waiting to join it."""
+        return self.half.lane.occupancy + self.half.lane.waiting if self.half is not None else 0
+
     def cloud_calls(self) -> int:
         """This worker's calls outstanding at the cloud (what it knows of the cloud's queue)."""
         return self.cloud.in_flight if self.cloud is not None else 0
@@ -161,7 +165,7 @@ async def running_edge(config: EdgeConfig) -> AsyncIterator[RunningServer]:
     worker = EdgeWorker(config)
     metrics = ServiceMetrics()
     metrics.watch_queue(worker.queue_depth)
-    policy = SwitchPolicy(config.switch_profile, worker.cloud_calls, worker.cloud_down)
+    policy = SwitchPolicy(config.switch_profile, worker.cloud_calls, worker.cloud_down, edge_queued=worker.edge_calls)
     metrics.watch_switch(policy.inputs)
     generate = metrics.measured(
         ServerGeneration(worker.cloud, worker, config.pair_name, config.limits, config.cloud_timeout, policy)

@@ -98,6 +98,7 @@ class GrpcEdgeClient:
         self._stub = pb_grpc.EdgeRefinerStub(channel)
         self._metadata = call_metadata(token)
         self._profile: EdgeProfile | None = None
+        self.in_flight = 0  # calls waiting for their result
 
     async def describe(self, deadline: float | None = None) -> EdgeProfile:
         """The worker's profile as of its last answer, else asked for."""
@@ -117,6 +118,7 @@ class GrpcEdgeClient:
         deadline: float | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> EdgeResult:
+        self.in_flight += 1
         try:
             with _peer_errors("edge"):
                 stub = self._stub
@@ -126,6 +128,8 @@ class GrpcEdgeClient:
         except Exception:
             self._profile = None  # the worker may be restarting, perhaps with other models: ask again
             raise
+        finally:
+            self.in_flight -= 1
         result = edge_result_from_pb(message)
         self._profile = result.profile
         return result

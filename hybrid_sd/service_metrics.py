@@ -22,7 +22,9 @@ SWITCH_INPUTS = {
     "cloud_queue_depth": "Calls outstanding at the cloud, as the switch-point policy sees them",
     "cloud_occupancy": "Requests a new one would share each cloud UNet call with (itself included)",
     "cloud_step_seconds": "Estimated seconds of a cloud step at that occupancy (NaN: not yet known)",
-    "edge_step_seconds": "Estimated seconds of an edge step (NaN: not yet known)",
+    "edge_queue_depth": "Calls outstanding at the edge, as the switch-point policy sees them",
+    "edge_occupancy": "Requests a new one would share each edge UNet call with (itself included)",
+    "edge_step_seconds": "Estimated seconds of an edge step at that occupancy (NaN: not yet known)",
     "handoff_seconds": "Estimated seconds of a handoff: encode, transfer, decode",
     "chosen_switch_step": "The switch step the policy chose last (NaN: none yet)",
 }

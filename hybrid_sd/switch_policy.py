@@ -12,7 +12,7 @@ from typing import Protocol
 
 from hybrid_sd.request import DEFAULT_SWITCH_FRACTION, GenerationRequest
 from hybrid_sd.results import GenerationResult, SwitchChoice
-from hybrid_sd.switch_costs import CostModel
+from hybrid_sd.switch_costs import CostModel, Load
 from hybrid_sd.switch_profile import SwitchProfile
 
 logger = logging.getLogger(__name__)
@@ -48,22 +48,26 @@ def resolve_switch(
 
 
 class SwitchPolicy:
-    """Chooses k from ``profile`` (quality against k; cold-start latencies) and the live costs: ``queue_depth()``,
-    the calls outstanding at the cloud; ``cloud_down()``, why the cloud cannot be used now (None when it can);
-    ``slots``, the cloud's replicas."""
+    """Chooses k from ``profile`` (quality against k; cold-start latencies) and the live costs: ``cloud_queued()``
+    and ``edge_queued()``, the calls outstanding at each side as this server sees them; ``cloud_down()``, why
+    the cloud cannot be used now (None when it can); ``slots``, the cloud's replicas."""
 
     def __init__(
         self,
         profile: SwitchProfile | None,
-        queue_depth: Callable[[], int],
+        cloud_queued: Callable[[], int],
         cloud_down: Callable[[], str | None],
         slots: int = 1,
+        edge_queued: Callable[[], int] = lambda: 0,
     ):
         self.profile = profile
-        self.queue_depth, self.cloud_down, self.slots = queue_depth, cloud_down, slots
+        self.cloud_queued, self.edge_queued, self.cloud_down, self.slots = cloud_queued, edge_queued, cloud_down, slots
         seed = profile.cold_step_costs() if profile else None
         self.costs = CostModel.seeded(*seed) if seed else CostModel()
         self.last: SwitchChoice | None = None
+
+    def load(self) -> Load:
+        return Load(self.cloud_queued(), self.edge_queued(), self.slots)
 
     def choose(self, request: GenerationRequest) -> SwitchChoice:
         """The largest k whose predicted latency meets the target (without one: the default 40% unless load
@@ -71,9 +75,9 @@ class SwitchPolicy:
         down: 0."""
         steps = request.num_inference_steps
         default = round(DEFAULT_SWITCH_FRACTION * steps)
-        queued = self.queue_depth()
+        load = self.load()
         down = self.cloud_down()
-        predicted = {k: self.costs.latency(k, steps, queued, self.slots) for k in range(steps + 1)}
+        predicted = {k: self.costs.latency(k, steps, load) for k in range(steps + 1)}
         if down is not None:
             k, reason = 0, f"{down}: edge alone"
         elif any(latency is None for latency in predicted.values()):
@@ -85,17 +89,16 @@ class SwitchPolicy:
         quality = self.profile.quality_at(k, steps) if self.profile else None
         choice = SwitchChoice(k, predicted[k] if predicted[k] is not None else 0.0, quality, reason)
         shown = "n/a" if quality is None else f"{quality:.3f}"
-        occupancy = self.costs.occupancy(queued, self.slots)
         logger.info(
-            "switch step %d of %d (%s): predicted %.3f s, quality %s; cloud queue %d, occupancy %d",
-            *(k, steps, reason, choice.predicted_latency_s, shown, queued, occupancy),
+            "switch step %d of %d (%s): predicted %.3f s, quality %s; queued cloud %d, edge %d",
+            *(k, steps, reason, choice.predicted_latency_s, shown, load.cloud_queued, load.edge_queued),
         )
         self.last = choice
         return choice
 
     def _without_target(self, predicted: dict[int, float], default: int, steps: int) -> tuple[int, str]:
         """The default k while load keeps it within ``LOAD_FACTOR`` times its lone latency, else that bound's k."""
-        bound = LOAD_FACTOR * self.costs.latency(default, steps, 0, self.slots)
+        bound = LOAD_FACTOR * self.costs.latency(default, steps, Load(cloud_slots=self.slots))
         if predicted[default] <= bound:
             return default, "default 40%"
         return _within(predicted, bound, f"load: largest k within {LOAD_FACTOR}x the lone latency at 40%")
@@ -105,14 +108,16 @@ class SwitchPolicy:
 
     def inputs(self) -> dict[str, float]:
         """What the choice reads now (NaN where unknown), for the server's metrics."""
-        queued = self.queue_depth()
-        occupancy = self.costs.occupancy(queued, self.slots)
-        cloud_step = self.costs.cloud_step_at(occupancy)
+        load = self.load()
+        cloud_occupancy = self.costs.cloud.occupancy(load.cloud_queued, load.cloud_slots)
+        edge_occupancy = self.costs.edge.occupancy(load.edge_queued, 1)
         return {
-            "cloud_queue_depth": queued,
-            "cloud_occupancy": occupancy,
-            "cloud_step_seconds": math.nan if cloud_step is None else cloud_step,
-            "edge_step_seconds": _or_nan(self.costs.edge_step.value),
+            "cloud_queue_depth": load.cloud_queued,
+            "cloud_occupancy": cloud_occupancy,
+            "cloud_step_seconds": _or_nan(self.costs.cloud.step_at(cloud_occupancy)),
+            "edge_queue_depth": load.edge_queued,
+            "edge_occupancy": edge_occupancy,
+            "edge_step_seconds": _or_nan(self.costs.edge.step_at(edge_occupancy)),
             "handoff_seconds": _or_nan(self.costs.handoff.value),
             "chosen_switch_step": math.nan if self.last is None else self.last.switch_step,
         }

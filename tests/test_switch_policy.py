@@ -36,11 +36,15 @@ def result(
     return GenerationResult(request, unet_evaluations, 100 if k else 0, timings, **fields)
 
 
-def policy(queued: list[int] | None = None, down: str | None = None, profile=PROFILE) -> SwitchPolicy:
+def policy(
+    queued: list[int] | None = None, down: str | None = None, profile=PROFILE, edge_queued: list[int] | None = None
+) -> SwitchPolicy:
     """A policy that has seen one request at k = 4: cloud 0.3 s a step, edge 0.1 s, handoff 0.05 s, so that
-    latency(k) = 1.0 for k = 0 and 1.05 + 0.2 k + queue wait (1.2 s per queued call) above."""
+    latency(k) = 1.0 for k = 0 and 1.05 + 0.2 k + queue wait (1.2 s per queued cloud call) above; each call
+    queued at the edge adds 0.6 s (6 steps of 0.1 s) below k = 10."""
     queued = queued if queued is not None else [0]
-    chooser = SwitchPolicy(profile, lambda: queued[0], lambda: down)
+    edge_queued = edge_queued if edge_queued is not None else [0]
+    chooser = SwitchPolicy(profile, lambda: queued[0], lambda: down, edge_queued=lambda: edge_queued[0])
     chooser.observe(result(4))
     return chooser
 
@@ -82,8 +86,7 @@ def test_the_choice_is_logged_with_its_inputs(caplog):
     with caplog.at_level(logging.INFO, logger="hybrid_sd.switch_policy"):
         policy([1]).choose(auto(3.0))
     assert caplog.messages == [
-        "switch step 3 of 10 (largest k meeting the target): predicted 2.850 s, quality 0.620;"
-        " cloud queue 1, occupancy 1"
+        "switch step 3 of 10 (largest k meeting the target): predicted 2.850 s, quality 0.620; queued cloud 1, edge 0"
     ]
 
 
@@ -95,6 +98,17 @@ def test_k_falls_toward_the_edge_as_the_queue_grows():
         queued[0] = depth
         chosen.append(chooser.choose(auto(3.0)).switch_step)
     assert chosen == [9, 3, 0]  # 1.05 + 0.2 k + 1.2 * depth <= 3.0
+
+
+def test_a_busy_edge_moves_steps_to_the_cloud():
+    edge_queued = [0]
+    chooser = policy(edge_queued=edge_queued)
+    assert chooser.choose(auto(2.0)).switch_step == 4
+    edge_queued[0] = 5  # below k = 10: 3 s more; the cloud alone (3.05 s) is now the fastest
+    choice = chooser.choose(auto(2.0))
+    assert (choice.switch_step, choice.predicted_latency_s) == (STEPS, pytest.approx(3.05))
+    edge_queued[0] = 1  # 0.6 s more below k = 10: 1.65 + 0.2 k <= 2.0
+    assert chooser.choose(auto(2.0)).switch_step == 1
 
 
 def test_without_a_target_the_default_holds_until_load_makes_it_slow():
@@ -132,28 +146,39 @@ def test_before_any_measurement_the_default_or_the_profile_s_latencies():
 def test_cloud_step_cost_grows_sublinearly_with_occupancy():
     costs = CostModel()
     costs.observe(result(4, cloud_step=0.1, batch_sizes={"cloud": [1, 1, 1, 1], "edge": []}))
-    assert costs.batch_exponent() == 1.0  # one occupancy seen: no batching gain assumed
+    assert costs.cloud.batch_exponent() == 1.0  # one occupancy seen: no batching gain assumed
     costs.observe(result(4, cloud_step=0.2, batch_sizes={"cloud": [4, 4, 4, 4], "edge": []}))
-    assert costs.batch_exponent() == pytest.approx(0.5)
-    assert costs.cloud_step_at(2) == pytest.approx(0.1 * math.sqrt(2))
-    assert costs.occupancy(queued=5, slots=1) == 4
-    assert costs.queue_wait(5, 1, 4) == pytest.approx(2 / 4 * 4 * 0.2)  # 2 calls beyond the batch
+    assert costs.cloud.batch_exponent() == pytest.approx(0.5)
+    assert costs.cloud.step_at(2) == pytest.approx(0.1 * math.sqrt(2))
+    assert costs.cloud.occupancy(queued=5, slots=1) == 4
+    assert costs.cloud.queue_wait(5, 1, 4) == pytest.approx(2 / 4 * 4 * 0.2)  # 2 calls beyond the batch
+    assert costs.edge.largest_batch == 1 and costs.edge.step_at(1) == pytest.approx(0.1)
+
+
+def test_edge_step_costs_are_learnt_per_occupancy():
+    costs = CostModel()
+    costs.observe(result(4, edge_step=0.1, batch_sizes={"cloud": [], "edge": [1] * 6}))
+    costs.observe(result(4, edge_step=0.15, batch_sizes={"cloud": [], "edge": [3] * 6}))
+    assert costs.edge.largest_batch == 3
+    assert (costs.edge.step_at(1), costs.edge.step_at(3)) == (pytest.approx(0.1), pytest.approx(0.15))
+    assert costs.edge.occupancy(queued=1, slots=1) == 2
 
 
 def test_a_fallback_teaches_no_cloud_cost():
     costs = CostModel()
     costs.observe(result(4, edge_fallback=True))
-    assert costs.cloud_step_at(1) is None and costs.edge_step.value == pytest.approx(0.1)
+    assert costs.cloud.step_at(1) is None and costs.edge.step_at(1) == pytest.approx(0.1)
 
 
 def test_the_metrics_expose_the_inputs():
     metrics = ServiceMetrics()
-    chooser = policy([2])
+    chooser = policy([2], edge_queued=[1])
     metrics.watch_switch(chooser.inputs)
     chooser.choose(auto(3.0))
     text = metrics.exposition().decode()
     assert "hybrid_sd_switch_cloud_queue_depth 2.0" in text
-    assert f"hybrid_sd_switch_edge_step_seconds {chooser.costs.edge_step.value!r}" in text
+    assert "hybrid_sd_switch_edge_queue_depth 1.0" in text
+    assert f"hybrid_sd_switch_edge_step_seconds {chooser.costs.edge.step_at(1)!r}" in text
     assert "hybrid_sd_switch_chosen_switch_step 0.0" in text
 
 
