@@ -25,7 +25,8 @@ SWITCH_INPUTS = {
     "edge_queue_depth": "Calls outstanding at the edge, as the switch-point policy sees them",
     "edge_occupancy": "Requests a new one would share each edge UNet call with (itself included)",
     "edge_step_seconds": "Estimated seconds of an edge step at that occupancy (NaN: not yet known)",
-    "handoff_seconds": "Estimated seconds of a handoff: encode, transfer, decode",
+    "overhead_seconds": "Estimated seconds of a split request besides denoising: prompt, handoff, calls, decode",
+    "safety_factor": "What predictions are multiplied by: measured over predicted latency, plus twice its spread",
     "chosen_switch_step": "The switch step the policy chose last (NaN: none yet)",
 }
 

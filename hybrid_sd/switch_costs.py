@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from hybrid_sd.results import GenerationResult
 
 EWMA_WEIGHT = 0.3  # the newest measurement's weight in each estimate
-HANDOFF_STAGES = ("handoff_encode", "handoff_transfer", "handoff_decode")
+LATENESS_SPREADS = 2.0  # predictions allow for the mean lateness plus this many of its mean deviations
 
 
 @dataclass
@@ -113,14 +113,16 @@ class Load:
 @dataclass
 class CostModel:
     """Seconds per part of a generation, each an exponentially weighted estimate: ``cloud`` and ``edge``
-    denoising (:class:`SideCosts`); ``handoff``, encoding the state, the transfer between the halves
-    (serialization, network, Ray) and decoding it; ``fixed``, what every path pays once: prompt encoding
-    (both sides) and the VAE decode."""
+    denoising (:class:`SideCosts`) and the ``overhead`` of a request besides its denoising and the waits
+    for a lane: prompt encoding, the decode, the calls between the servers and, where the cloud takes part,
+    the handoff (``overhead[True]``; edge alone: ``overhead[False]``). ``lateness`` calibrates the
+    predictions: the measured latency of chosen requests over the one predicted, and its spread."""
 
     cloud: SideCosts = field(default_factory=SideCosts)
     edge: SideCosts = field(default_factory=SideCosts)
-    handoff: Estimate = field(default_factory=lambda: Estimate(0.0))
-    fixed: Estimate = field(default_factory=lambda: Estimate(0.0))
+    overhead: dict[bool, Estimate] = field(default_factory=lambda: {False: Estimate(0.0), True: Estimate(0.0)})
+    lateness: Estimate = field(default_factory=lambda: Estimate(1.0))
+    lateness_spread: Estimate = field(default_factory=lambda: Estimate(0.0))
 
     @classmethod
     def seeded(cls, cloud_step: float, edge_step: float) -> CostModel:
@@ -138,25 +140,34 @@ class CostModel:
         k, edge_steps = request.switch_step, request.num_inference_steps - request.switch_step
         if edge_steps > 0 and timings.get("edge_denoise", 0.0) > 0:
             self.edge.observe(timings["edge_denoise"], edge_steps, result.batch_sizes.get("edge", []))
-        self.fixed.update(timings.get("encode_prompt", 0.0) + timings.get("vae_decode", 0.0))
-        if k == 0 or result.edge_fallback:
-            return
-        self.cloud.observe(timings.get("cloud_denoise", 0.0), k, result.batch_sizes.get("cloud", []))
-        self.handoff.update(sum(timings.get(stage, 0.0) for stage in HANDOFF_STAGES))
+        denoising = sum(timings.get(stage, 0.0) for stage in ("queue", "cloud_denoise", "edge_denoise"))
+        self.overhead[k > 0].update(max(0.0, timings.get("total", 0.0) - denoising))
+        if k > 0 and not result.edge_fallback:
+            self.cloud.observe(timings.get("cloud_denoise", 0.0), k, result.batch_sizes.get("cloud", []))
+        choice = result.switch_choice
+        if choice is not None and choice.predicted_latency_s > 0 and not result.edge_fallback:
+            ratio = timings.get("total", 0.0) / (choice.predicted_latency_s / choice.safety)
+            self.lateness_spread.update(abs(ratio - self.lateness.value))
+            self.lateness.update(ratio)
+
+    def safety(self) -> float:
+        """What a prediction is multiplied by so that most requests finish within it: the mean lateness plus
+        twice its spread, at least 1."""
+        return max(1.0, self.lateness.value + LATENESS_SPREADS * self.lateness_spread.value)
 
     def latency(self, k: int, steps: int, load: Load) -> float | None:
-        """Predicted end-to-end seconds of ``k`` cloud steps of ``steps`` under ``load``: ``fixed``, plus for
-        ``k > 0`` the cloud's wait and steps and the handoff, plus for ``k < steps`` the edge's wait and steps.
-        None while a needed step cost is unknown."""
-        total = self.fixed.value
+        """Predicted end-to-end seconds of ``k`` cloud steps of ``steps`` under ``load``: the overhead, plus
+        for ``k > 0`` the cloud's wait and steps, plus for ``k < steps`` the edge's wait and steps, times
+        :meth:`safety`. None while a needed step cost is unknown."""
+        total = self.overhead[k > 0].value
         if k > 0:
             cloud = self.cloud.seconds(k, load.cloud_queued, load.cloud_slots)
             if cloud is None:
                 return None
-            total += cloud + self.handoff.value
+            total += cloud
         if k < steps:
             edge = self.edge.seconds(steps - k, load.edge_queued, 1)
             if edge is None:
                 return None
             total += edge
-        return total
+        return total * self.safety()

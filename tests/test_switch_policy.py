@@ -15,7 +15,7 @@ from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import STAGES, GenerationResult
 from hybrid_sd.service_metrics import ServiceMetrics
 from hybrid_sd.sweep import COLUMNS, SweepConfig, summarize
-from hybrid_sd.switch_costs import CostModel
+from hybrid_sd.switch_costs import CostModel, Load
 from hybrid_sd.switch_policy import SwitchPolicy, resolve_switch
 from hybrid_sd.switch_profile import SwitchProfile, default_profile, load_profile
 
@@ -31,6 +31,7 @@ def result(
     timings = dict.fromkeys(STAGES, 0.0)
     timings.update(cloud_denoise=k * cloud_step, edge_denoise=(STEPS - k) * edge_step)
     timings["handoff_transfer"] = handoff if k else 0.0
+    timings["total"] = sum(timings.values())
     request = GenerationRequest("a circle", switch_step=k, num_inference_steps=STEPS, seed=0)
     unet_evaluations = {"cloud": k, "edge": STEPS - k}
     return GenerationResult(request, unet_evaluations, 100 if k else 0, timings, **fields)
@@ -162,6 +163,31 @@ def test_edge_step_costs_are_learnt_per_occupancy():
     assert costs.edge.largest_batch == 3
     assert (costs.edge.step_at(1), costs.edge.step_at(3)) == (pytest.approx(0.1), pytest.approx(0.15))
     assert costs.edge.occupancy(queued=1, slots=1) == 2
+
+
+def test_the_overhead_besides_denoising_is_learnt_per_path():
+    costs = CostModel()
+    edge_alone = result(0)
+    edge_alone.timings.update(vae_decode=0.1, total=edge_alone.timings["total"] + 0.1)
+    costs.observe(edge_alone)
+    costs.observe(result(4, handoff=0.25))
+    assert costs.overhead[False].value == pytest.approx(0.1)  # the decode
+    assert costs.overhead[True].value == pytest.approx(0.25)  # the handoff
+    assert costs.latency(0, STEPS, Load()) == pytest.approx(0.1 + STEPS * 0.1)
+
+
+def test_requests_later_than_predicted_make_the_predictions_cautious():
+    chooser = policy()
+    choice = chooser.choose(auto(2.0))
+    assert (choice.switch_step, choice.predicted_latency_s, choice.safety) == (4, pytest.approx(1.85), 1.0)
+    late = result(4, switch_choice=choice)
+    late.timings.update(queue=0.9, total=late.timings["total"] + 0.9)  # waited longer than the model thought
+    chooser.observe(late)
+    ratio = 2.75 / 1.85
+    assert chooser.costs.safety() == pytest.approx(ratio + 2 * (ratio - 1))
+    cautious = chooser.choose(auto(2.0))
+    assert cautious.switch_step == 0  # at 1.0 s times the safety factor, no k meets 2.0 s: the fastest
+    assert cautious.predicted_latency_s == pytest.approx(chooser.costs.safety())
 
 
 def test_a_fallback_teaches_no_cloud_cost():
