@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from hybrid_sd.results import GenerationResult
 
 EWMA_WEIGHT = 0.3  # the newest measurement's weight in each estimate
+# What a request computes besides denoising. The waits (for a lane, in Ray's queue, on the network: the
+# handoff_transfer stage) are not among them: the queue model predicts those, the calibration the rest. A wait
+# counted as overhead would keep the cloud looking slow long after a burst, for nothing measures it again
+# while the policy avoids the cloud.
+OVERHEAD_STAGES = ("encode_prompt", "handoff_encode", "handoff_decode", "vae_decode")
 LATENESS_SPREADS = 2.0  # predictions allow for the mean lateness plus this many of its mean deviations
 
 
@@ -113,9 +118,9 @@ class Load:
 @dataclass
 class CostModel:
     """Seconds per part of a generation, each an exponentially weighted estimate: ``cloud`` and ``edge``
-    denoising (:class:`SideCosts`) and the ``overhead`` of a request besides its denoising and the waits
-    for a lane: prompt encoding, the decode, the calls between the servers and, where the cloud takes part,
-    the handoff (``overhead[True]``; edge alone: ``overhead[False]``). ``lateness`` calibrates the
+    denoising (:class:`SideCosts`) and the ``overhead`` a request computes besides denoising: prompt
+    encoding, the decode and, where the cloud takes part, the handoff's encoding and decoding
+    (``overhead[True]``; edge alone: ``overhead[False]``). ``lateness`` calibrates the
     predictions: the measured latency of chosen requests over the one predicted, and its spread."""
 
     cloud: SideCosts = field(default_factory=SideCosts)
@@ -140,8 +145,7 @@ class CostModel:
         k, edge_steps = request.switch_step, request.num_inference_steps - request.switch_step
         if edge_steps > 0 and timings.get("edge_denoise", 0.0) > 0:
             self.edge.observe(timings["edge_denoise"], edge_steps, result.batch_sizes.get("edge", []))
-        denoising = sum(timings.get(stage, 0.0) for stage in ("queue", "cloud_denoise", "edge_denoise"))
-        self.overhead[k > 0].update(max(0.0, timings.get("total", 0.0) - denoising))
+        self.overhead[k > 0].update(sum(timings.get(stage, 0.0) for stage in OVERHEAD_STAGES))
         if k > 0 and not result.edge_fallback:
             self.cloud.observe(timings.get("cloud_denoise", 0.0), k, result.batch_sizes.get("cloud", []))
         choice = result.switch_choice
