@@ -35,11 +35,14 @@ class SideCosts:
 
     - ``step[b]``: seconds of one denoising step whose UNet calls held ``b`` requests;
     - ``steps``: the steps recent requests ran on this side, how long each holds a place in a batch;
+    - ``occupancy_seen``: the mean batch size recent requests' steps ran at, which counts the requests that
+      joined while they ran, as a new one's will be joined;
     - ``largest_batch``: the most requests seen in one UNet call, the lane's capacity as far as anything has
       shown it (1 until batching is seen)."""
 
     step: dict[int, Estimate] = field(default_factory=dict)
     steps: Estimate = field(default_factory=Estimate)
+    occupancy_seen: Estimate = field(default_factory=lambda: Estimate(1.0))
     largest_batch: int = 1
 
     @classmethod
@@ -54,8 +57,9 @@ class SideCosts:
         """A request's ``steps`` steps on this side took ``seconds``, its UNet calls holding ``batch_sizes``
         requests (none reported: never batched)."""
         sizes = batch_sizes or [1]
-        occupancy = max(1, round(sum(sizes) / len(sizes)))
-        self.step.setdefault(occupancy, Estimate()).update(seconds / steps)
+        mean_size = sum(sizes) / len(sizes)
+        self.step.setdefault(max(1, round(mean_size)), Estimate()).update(seconds / steps)
+        self.occupancy_seen.update(mean_size)
         self.largest_batch = max(self.largest_batch, *sizes)
         self.steps.update(steps)
 
@@ -84,8 +88,11 @@ class SideCosts:
 
     def occupancy(self, queued: int, slots: int) -> int:
         """Requests a new one would share each UNet call with (itself included): the ``queued`` calls and it,
-        spread over ``slots`` lanes, up to the largest batch seen."""
-        return min(self.largest_batch, math.ceil((queued + 1) / slots))
+        spread over ``slots`` lanes, or the occupancy recent requests ran at if more (under a steady load the
+        calls outstanding now are fewer than those a request meets while it runs), up to the largest batch
+        seen."""
+        now = math.ceil((queued + 1) / slots)
+        return min(self.largest_batch, max(now, round(self.occupancy_seen.value)))
 
     def queue_wait(self, queued: int, slots: int, default_steps: float) -> float:
         """Expected seconds before a new call starts: the calls beyond what the lanes' running batches hold
