@@ -70,6 +70,7 @@ class EdgeConfig:
     http_port: int | None = None  # the HTTP face's (0: any free port); None: no HTTP
     max_batch: int = 1  # requests whose steps share a UNet call (a site edge serving many clients: more)
     batch_wait_s: float = 0.0
+    max_queued: int | None = 64  # requests waiting for the lane before RESOURCE_EXHAUSTED (None: no bound)
     switch_profile: SwitchProfile | None = None  # quality against switch step, for auto_switch requests started here
     name: str = field(default_factory=lambda: f"edge@{socket.gethostname()}:{os.getpid()}")
 
@@ -90,7 +91,7 @@ class EdgeWorker:
 
     async def load(self) -> None:
         with stage(f"loading the edge model {self.config.pair.edge}"):
-            lane = ComputeLane(self.config.max_batch, self.config.batch_wait_s)
+            lane = ComputeLane(self.config.max_batch, self.config.batch_wait_s, self.config.max_queued)
             self.half = LocalEdge(await asyncio.to_thread(self._load), self.config.name, lane)
 
     def _load(self) -> Denoiser:

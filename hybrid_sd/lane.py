@@ -14,7 +14,7 @@ from typing import Generic, NamedTuple, TypeVar
 import torch
 
 from hybrid_sd.denoise import StepCallback, StepRun, Steps, unet_outputs
-from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
+from hybrid_sd.errors import DeadlineExceededError, QueueFullError, RunCancelledError
 
 T = TypeVar("T")
 
@@ -68,15 +68,20 @@ class ComputeLane:
     one cancelled or past its deadline leaves at its next step and the others go on. An ``exact``
     request's calls are its own. With ``max_batch`` 1 the lane runs one request at a time.
     ``batch_wait_s``: how long an idle lane waits for a batch to fill before its first call.
+    ``max_waiting``: how many requests may wait to join (None: any number); one more is refused at once
+    (:class:`~hybrid_sd.errors.QueueFullError`, RESOURCE_EXHAUSTED on the wire) rather than queued.
     """
 
-    def __init__(self, max_batch: int = 1, batch_wait_s: float = 0.0):
+    def __init__(self, max_batch: int = 1, batch_wait_s: float = 0.0, max_waiting: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if batch_wait_s < 0:
             raise ValueError(f"batch wait must not be negative, got {batch_wait_s}")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError(f"max_waiting must not be negative, got {max_waiting}")
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.max_waiting = max_waiting
         self._arrivals: deque[_Member] = deque()
         self._members: list[_Member] = []  # joined, in join order; the lane's thread alone changes it
         self._wake = threading.Condition()
@@ -143,6 +148,11 @@ class ComputeLane:
         with self._wake:
             if self._closed:
                 raise RunCancelledError("the compute lane is shut down")
+            if self.max_waiting is not None and len(self._arrivals) >= self.max_waiting:
+                raise QueueFullError(
+                    f"the compute lane is full: {len(self._members)} requests on it and {len(self._arrivals)}"
+                    " waiting; try again later"
+                )
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="denoise", daemon=True)
                 self._thread.start()

@@ -115,7 +115,6 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--autoscale-to", type=int, help="autoscale replicas up to this many")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--max-queued", type=int, default=64, help="requests queued before RESOURCE_EXHAUSTED")
     parser.add_argument(
         "--max-replicas-per-node", type=int, help="at most this many replicas on one node (1: spread them)"
     )
@@ -134,6 +133,9 @@ def _add_batch_arguments(parser: argparse.ArgumentParser, max_batch: int, who: s
     )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=0.0, help="how long an idle compute lane waits for a batch to fill"
+    )
+    parser.add_argument(
+        "--max-queued", type=int, default=64, help=f"requests waiting for {who} before RESOURCE_EXHAUSTED"
     )
 
 

@@ -36,6 +36,7 @@ def run_cluster_up(args: argparse.Namespace) -> None:
         common += ["--torch-threads", str(args.torch_threads)]
     # The embedded edge worker serves every client of the cluster: it batches as the replicas do.
     common += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
+    common += ["--max-queued", str(args.max_queued)]
     if args.profile:
         load_profile(args.profile)  # a bad file fails here, not in both children
         common += ["--profile", str(args.profile)]

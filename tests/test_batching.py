@@ -7,16 +7,20 @@ import asyncio
 import dataclasses
 import time
 
+import grpc
 import pytest
 import torch
 
-from hybrid_sd.errors import DeadlineExceededError, RunCancelledError
+from edge_worker.server import EdgeConfig, running_edge
+from hybrid_sd.errors import DeadlineExceededError, QueueFullError, RunCancelledError
 from hybrid_sd.halves import LocalCloud, LocalEdge, cloud_half, edge_half
 from hybrid_sd.lane import ComputeLane
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import OutputSpec
+from hybrid_sd.v1 import hybrid_sd_pb2 as pb
+from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import state_from_payload
-from tests.serving import BATCHED_LATENT_TOLERANCE
+from tests.serving import BATCHED_LATENT_TOLERANCE, channel
 
 # Eight requests that differ in everything a request sets: seed, scheduler (deterministic, multistep and
 # ancestral), guidance (with and without classifier-free), size and switch step.
@@ -125,8 +129,53 @@ def test_join_cancel_and_deadline_mid_batch_leave_the_others_unchanged(pairs):
     assert min(joined.batch_sizes) >= 2 and max(first.batch_sizes) >= 3
 
 
+def test_a_full_lane_refuses_at_once_and_serves_the_rest(pairs):
+    cloud = LocalCloud(pairs["sd1"].cloud, lane=ComputeLane(max_batch=1, max_waiting=1))
+    running = GenerationRequest("on the lane", seed=1, num_inference_steps=40, switch_step=40)
+    waiting = GenerationRequest("waiting", seed=2, num_inference_steps=4, switch_step=2)
+
+    async def scenario():
+        on_lane = asyncio.Event()
+        first = asyncio.create_task(cloud.denoise(running, None, None, lambda progress: on_lane.set()))
+        await on_lane.wait()
+        second = asyncio.create_task(cloud.denoise(waiting, None))
+        await asyncio.sleep(0)  # the second is submitted and waits: the lane holds one at a time
+        with pytest.raises(QueueFullError, match="the compute lane is full: 1 requests on it and 1 waiting"):
+            await cloud.denoise(waiting, None)
+        return await asyncio.gather(first, second)
+
+    first, second = asyncio.run(scenario())
+    assert set(first.batch_sizes) == set(second.batch_sizes) == {1}  # each served, one at a time
+
+
+def test_a_full_edge_lane_answers_resource_exhausted(loop, pair_specs):
+    config = EdgeConfig(pair_specs["sd1"], port=0, max_batch=1, max_queued=1)
+    server, leave = loop.enter(running_edge(config))
+    stub = pb_grpc.HybridDiffusionStub(channel(server.port))
+    try:
+        long = stub.GenerateStream(pb.GenerateRequest(prompt="a long run", num_inference_steps=150, switch_step=0))
+        next(event for event in long if event.HasField("progress"))  # it is on the lane
+        calls = [
+            stub.Generate.future(pb.GenerateRequest(prompt=f"short {i}", num_inference_steps=2, switch_step=0))
+            for i in range(2)
+        ]
+        outcomes = []
+        for call in calls:
+            try:
+                outcomes.append(call.result(timeout=120).switch_step)
+            except grpc.RpcError as error:
+                outcomes.append((error.code(), "the compute lane is full" in error.details()))
+        long.cancel()
+    finally:
+        leave()
+    # One waits for the lane and is served; the one after it is refused at once, naming why.
+    assert sorted(outcomes, key=str) == sorted([0, (grpc.StatusCode.RESOURCE_EXHAUSTED, True)], key=str)
+
+
 def test_lane_arguments_are_checked():
     with pytest.raises(ValueError, match="max_batch"):
         ComputeLane(max_batch=0)
     with pytest.raises(ValueError, match="batch wait"):
         ComputeLane(batch_wait_s=-1)
+    with pytest.raises(ValueError, match="max_waiting"):
+        ComputeLane(max_waiting=-1)
