@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from hybrid_sd.results import GenerationResult
@@ -14,7 +15,9 @@ EWMA_WEIGHT = 0.3  # the newest measurement's weight in each estimate
 # counted as overhead would keep the cloud looking slow long after a burst, for nothing measures it again
 # while the policy avoids the cloud.
 OVERHEAD_STAGES = ("encode_prompt", "handoff_encode", "handoff_decode", "vae_decode")
-LATENESS_SPREADS = 2.0  # predictions allow for the mean lateness plus this many of its mean deviations
+# Predictions are scaled so that this share of the recent chosen requests would have finished within them.
+LATENESS_QUANTILE = 0.9
+LATENESS_WINDOW = 20  # chosen requests remembered for it
 
 
 @dataclass
@@ -133,8 +136,7 @@ class CostModel:
     cloud: SideCosts = field(default_factory=SideCosts)
     edge: SideCosts = field(default_factory=SideCosts)
     overhead: dict[bool, Estimate] = field(default_factory=lambda: {False: Estimate(0.0), True: Estimate(0.0)})
-    lateness: Estimate = field(default_factory=lambda: Estimate(1.0))
-    lateness_spread: Estimate = field(default_factory=lambda: Estimate(0.0))
+    lateness: deque[float] = field(default_factory=lambda: deque(maxlen=LATENESS_WINDOW))
 
     @classmethod
     def seeded(cls, cloud_step: float, edge_step: float) -> CostModel:
@@ -157,14 +159,15 @@ class CostModel:
             self.cloud.observe(timings.get("cloud_denoise", 0.0), k, result.batch_sizes.get("cloud", []))
         choice = result.switch_choice
         if choice is not None and choice.predicted_latency_s > 0 and not result.edge_fallback:
-            ratio = timings.get("total", 0.0) / (choice.predicted_latency_s / choice.safety)
-            self.lateness_spread.update(abs(ratio - self.lateness.value))
-            self.lateness.update(ratio)
+            self.lateness.append(timings.get("total", 0.0) / (choice.predicted_latency_s / choice.safety))
 
     def safety(self) -> float:
-        """What a prediction is multiplied by so that most requests finish within it: the mean lateness plus
-        twice its spread, at least 1."""
-        return max(1.0, self.lateness.value + LATENESS_SPREADS * self.lateness_spread.value)
+        """What a prediction is multiplied by so that most requests finish within it: the
+        ``LATENESS_QUANTILE`` of the recent chosen requests' measured over predicted latency, at least 1."""
+        if not self.lateness:
+            return 1.0
+        ordered = sorted(self.lateness)
+        return max(1.0, ordered[math.ceil(LATENESS_QUANTILE * len(ordered)) - 1])
 
     def latency(self, k: int, steps: int, load: Load) -> float | None:
         """Predicted end-to-end seconds of ``k`` cloud steps of ``steps`` under ``load``: the overhead, plus

@@ -191,11 +191,15 @@ def test_requests_later_than_predicted_make_the_predictions_cautious():
     late = result(4, switch_choice=choice)
     late.timings.update(queue=0.9, total=late.timings["total"] + 0.9)  # waited longer than the model thought
     chooser.observe(late)
-    ratio = 2.75 / 1.85
-    assert chooser.costs.safety() == pytest.approx(ratio + 2 * (ratio - 1))
+    assert chooser.costs.safety() == pytest.approx(2.75 / 1.85)
     cautious = chooser.choose(auto(2.0))
-    assert cautious.switch_step == 0  # at 1.0 s times the safety factor, no k meets 2.0 s: the fastest
-    assert cautious.predicted_latency_s == pytest.approx(chooser.costs.safety())
+    assert cautious.switch_step == 1  # 1.49 (1.05 + 0.2 k) <= 2.0
+    assert cautious.predicted_latency_s == pytest.approx(1.25 * 2.75 / 1.85)
+    for _ in range(9):  # nine in ten of the recent requests on time: the factor is the slowest of those
+        on_time = result(4, switch_choice=choice)
+        on_time.timings.update(queue=0.185, total=on_time.timings["total"] + 0.185)
+        chooser.observe(on_time)
+    assert chooser.costs.safety() == pytest.approx(1.1)
 
 
 def test_a_fallback_teaches_no_cloud_cost():
