@@ -1,5 +1,6 @@
-"""Train the shapes pair from nothing, seeded, on the CPU: VAE, then text encoder with the large UNet, then the
-small UNet distilled from the large one, then the tiny autoencoder distilled from the VAE.
+"""Train the shapes pair from nothing, seeded, on the CPU or a GPU: VAE, then text encoder with the large UNet,
+then the small UNet distilled from the large one, then the tiny autoencoder distilled from the VAE. Each stage
+is resumable from its checkpoints (:mod:`hybrid_sd.shapes_pair.checkpoints`).
 
 Writes ``cloud/`` (a StableDiffusionPipeline folder), ``edge-unet/`` (the small UNet alone: the edge shares
 the cloud's text encoder), ``edge-vae/`` (the AutoencoderTiny) and ``training.json`` under ``--out``.
@@ -142,7 +143,7 @@ class LatentBatches:
         index = batch_at(len(self.means), self.run.config.batch_size, step, self.seed).to(self.means.device)
         g = step_generator(self.seed, step)
         device = self.run.device
-        eps = torch.randn(self.means[index].shape, generator=g).to(device)
+        eps = torch.randn((len(index), *self.means.shape[1:]), generator=g).to(device)
         latents = (self.means[index] + self.stds[index] * eps) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
