@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +24,8 @@ from hybrid_sd.limits import CHANNEL_OPTIONS
 from hybrid_sd.results import EdgeResult
 from hybrid_sd.rpc_clients import GrpcEdgeClient, open_channel
 from tests.shaped_link import ShapedLink
+
+T = TypeVar("T")
 
 # How far a request batched with others may be from its run alone, in its latents, on the CPU in float32
 # (README, "Step-level batching"): CPU kernels reduce in an order that depends on the batch size. Measured
@@ -51,6 +56,18 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def ctrl_c_reaches(start: Callable[[], T]) -> T:
+    """``start()`` (a child process) with SIGINT handled here meanwhile, so that the child sees Ctrl-C as from a
+    terminal, also when this suite runs as a background job: its shell ignores SIGINT, children inherit the
+    ignoring, and Python then raises no KeyboardInterrupt. A handled signal is reset to its default by exec
+    (no ``preexec_fn``, which is unsafe in a process with threads)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from hybrid_sd.cli import main
 from hybrid_sd.load_bench import LoadPlan, Outcome, arrival_times, parse_policy, run_plan, run_rate
 from hybrid_sd.load_report import percentile, summarize_rate, write_csv
 from hybrid_sd.request import GenerationRequest
+from tests.serving import ctrl_c_reaches
 from tests.test_serving import cluster  # noqa: F401  (fixture: an edge worker and a gateway)
 
 
@@ -246,7 +247,7 @@ def test_ctrl_c_stops_and_writes_what_it_has(gateway, tmp_path):
     command = [sys.executable, "-m", "hybrid_sd.cli", "bench", "load", "--target", gateway]
     command += ["--rate", "4", "--duration", "60", "--policy", "fixed:2", "--steps", "4"]
     command += ["--prompts", "shapes:2", "--out", str(out)]
-    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    bench = ctrl_c_reaches(lambda: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         seen = b""
         while b"req/s" not in seen:  # the progress bar: requests are going out

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from tests.serving import free_port
+from tests.serving import ctrl_c_reaches, free_port
 
 CLI = [sys.executable, "-m", "hybrid_sd.cli"]
 
@@ -43,7 +43,9 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
     port, http_port = free_port(), free_port()
     gateway, edge = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
     command = [*CLI, "cluster", "up", "--port", str(port), "--http-port", str(http_port), "--log-dir", str(tmp_path)]
-    cluster = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cluster = ctrl_c_reaches(
+        lambda: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
     try:
         wait_serving(gateway)
         wait_serving(edge)
