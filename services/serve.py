@@ -65,12 +65,6 @@ def _batching(args: argparse.Namespace) -> dict:
     return {"max_batch": _positive("--max-batch", args.max_batch), "batch_wait_s": args.batch_wait_ms / 1000}
 
 
-def _max_queued(args: argparse.Namespace) -> int:
-    if args.max_queued < 1:
-        raise ValueError(f"--max-queued must be at least 1, got {args.max_queued}")
-    return args.max_queued
-
-
 def _pair(args: argparse.Namespace) -> tuple[str, PairSpec]:
     """The pair's name as the servers report it, and its models."""
     name = args.pair or (DEFAULT_PAIR if not args.cloud_model else "custom")
@@ -105,7 +99,7 @@ def run_serve_edge(args: argparse.Namespace) -> None:
         limits=limits_from_args(args),
         http_port=args.http_port or None,
         **_batching(args),
-        max_queued=_max_queued(args),
+        max_queued=_positive("--max-queued", args.max_queued),
         switch_profile=_switch_profile(args, name),
     )
     if args.check:
@@ -143,7 +137,7 @@ def run_serve_gateway(args: argparse.Namespace) -> None:
             replicas=args.replicas,
             gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica,
-            max_queued_requests=_max_queued(args),
+            max_queued_requests=_positive("--max-queued", args.max_queued),
             autoscale_to=args.autoscale_to,
             max_replicas_per_node=_positive("--max-replicas-per-node", args.max_replicas_per_node),
             **({"torch_threads": _positive("--torch-threads", args.torch_threads)} if args.torch_threads else {}),

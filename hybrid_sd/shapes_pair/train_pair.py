@@ -136,7 +136,6 @@ class LatentBatches:
         self.means, self.stds, self.scaling_factor = means, stds, scaling_factor
         self.ids, self.empty_ids = ids.to(run.device), empty_ids.to(run.device)
         self.noise_scheduler = DDPMScheduler(**pair_models.SCHEDULE)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(run.device)
 
     def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, timesteps, token ids, noise) of step ``step``."""
@@ -147,16 +146,14 @@ class LatentBatches:
         latents = (self.means[index] + self.stds[index] * eps) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(index),), generator=g)
+        timesteps = timesteps.to(device)
         drop = (torch.rand(len(index), generator=g) < DROP_CAPTION).to(device)
         ids = torch.where(drop[:, None], self.empty_ids, self.ids[index])
-        timesteps = timesteps.to(device)
-        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise  # DDPMScheduler.add_noise, on the device
-        return noisy, timesteps, ids, noise
+        return self.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, ids, noise
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma weights for epsilon prediction."""
-        snr = compute_snr(self.noise_scheduler, timesteps.cpu()).to(timesteps.device)
+        snr = compute_snr(self.noise_scheduler, timesteps)
         return torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
 
 
@@ -209,8 +206,9 @@ def train_tiny(
 
     def loss_fn(step: int) -> torch.Tensor:
         index = batch_at(len(images), config.batch_size, step, seed)
-        eps = torch.randn(means[index].shape, generator=step_generator(seed, step)).to(run.device)
-        latents = means[index.to(means.device)] + stds[index.to(stds.device)] * eps
+        batch_means, batch_stds = means[index.to(means.device)], stds[index.to(stds.device)]
+        eps = torch.randn(batch_means.shape, generator=step_generator(seed, step)).to(run.device)
+        latents = batch_means + batch_stds * eps
         real = to_unit(images[index]).to(run.device)
         with run.autocast():
             with torch.no_grad():
@@ -218,7 +216,7 @@ def train_tiny(
             decoded = tiny.decode(latents * scaling_factor).sample.float()
             encoded = tiny.encode(real).latents.float()
         decoder_loss = (decoded - teacher_image).abs().mean() + (decoded - real).abs().mean()
-        return decoder_loss + F.mse_loss(encoded, means[index.to(means.device)] * scaling_factor)
+        return decoder_loss + F.mse_loss(encoded, batch_means * scaling_factor)
 
     stats = run.stage("tiny", config.tiny_steps, loss_fn, tiny, config.tiny_lr, ema=False)
     return tiny.eval(), stats
