@@ -52,10 +52,6 @@ class SideCosts:
     def seeded(cls, step: float) -> SideCosts:
         return cls(step={1: Estimate(step)})
 
-    @property
-    def measured(self) -> bool:
-        return any(estimate.measured for estimate in self.step.values())
-
     def observe(self, seconds: float, steps: int, batch_sizes: list[int]) -> None:
         """A request's ``steps`` steps on this side took ``seconds``, its UNet calls holding ``batch_sizes``
         requests (none reported: never batched)."""
@@ -142,11 +138,6 @@ class CostModel:
     def seeded(cls, cloud_step: float, edge_step: float) -> CostModel:
         """A cold-start model: these per-step costs (at one request a call) until measurements replace them."""
         return cls(cloud=SideCosts.seeded(cloud_step), edge=SideCosts.seeded(edge_step))
-
-    @property
-    def measured(self) -> bool:
-        """Whether any generation has been observed (else the estimates are seeds, or absent)."""
-        return self.cloud.measured or self.edge.measured
 
     def observe(self, result: GenerationResult) -> None:
         """Fold a completed generation's timings into the estimates (a fallback's cloud part is not a cost)."""
