@@ -127,7 +127,7 @@ class CostModel:
     denoising (:class:`SideCosts`) and the ``overhead`` a request computes besides denoising: prompt
     encoding, the decode and, where the cloud takes part, the handoff's encoding and decoding
     (``overhead[True]``; edge alone: ``overhead[False]``). ``lateness`` calibrates the
-    predictions: the measured latency of chosen requests over the one predicted, and its spread."""
+    predictions: the measured over the predicted latency of the last chosen requests (see :meth:`safety`)."""
 
     cloud: SideCosts = field(default_factory=SideCosts)
     edge: SideCosts = field(default_factory=SideCosts)
