@@ -96,11 +96,13 @@ class Supervisor:
 
 
 def session_processes(sessions: set[int]) -> list[psutil.Process]:
-    """The live processes of these sessions (a child's session id is its first pid)."""
+    """The live processes of these sessions (a child's session id is its first pid); a zombie, dead and
+    waiting to be reaped, is not one."""
     found = []
     for process in psutil.process_iter():
         try:
-            if process.pid != os.getpid() and os.getsid(process.pid) in sessions:
+            alive = process.status() != psutil.STATUS_ZOMBIE
+            if alive and process.pid != os.getpid() and os.getsid(process.pid) in sessions:
                 found.append(process)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
