@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def add_compress_command(commands: argparse._SubParsersAction) -> None:
     tiny.add_argument("--batch-size", type=int, default=8)
     tiny.add_argument("--lr", type=float, default=1e-3)
     tiny.add_argument("--encoder", action="store_true", help="distil the encoder too")
+    tiny.add_argument("--width", type=int, default=64, help="channels of every block (TAESD: 64)")
     _add_sampling(tiny, "prompts whose cloud generations give the latents")
 
     export = action("export", "measure a bundle's quality against the uncompressed pair; write its card", run_export)
@@ -99,6 +101,7 @@ class _Context:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
+        self.started = time.monotonic()
         from hybrid_sd.bundle import check_out, read_bundle
         from hybrid_sd.pairs import load_pair
 
@@ -137,6 +140,13 @@ class _Context:
         bundle = start_bundle(self.args.out, self.source_bundle)
         bundle.history.append({"action": action, **record})
         return bundle
+
+    def finish(self, bundle, card: dict) -> None:
+        """Write the bundle's records, the action's wall time (loading included) in its history, and print
+        the card."""
+        bundle.history[-1]["seconds"] = round(time.monotonic() - self.started, 1)
+        bundle.write(card)
+        print(json.dumps({key: value for key, value in card.items() if key != "kept_in_float"}))
 
 
 def check_float_source(args: argparse.Namespace, verb: str) -> None:
@@ -196,8 +206,7 @@ def run_prune(args: argparse.Namespace) -> None:
     )
     save_pruned(student, bundle.unet)
     card = size_card(bundle, student, {"source_" + args.metric: source_cost, args.metric: measure(student)})
-    bundle.write(card)
-    print(json.dumps(card))
+    context.finish(bundle, card)
 
 
 def run_distill(args: argparse.Namespace) -> None:
@@ -230,8 +239,7 @@ def run_distill(args: argparse.Namespace) -> None:
     bundle = context.start("distill", teacher=args.teacher, prompts=len(data.prompts), **asdict(config))
     save_pruned(student, bundle.unet)
     card = size_card(bundle, student, {"distillation": stats})
-    bundle.write(card)
-    print(json.dumps(card))
+    context.finish(bundle, card)
 
 
 def run_quantize(args: argparse.Namespace) -> None:
@@ -276,23 +284,24 @@ def run_quantize(args: argparse.Namespace) -> None:
         "weight_bytes_fp16": report.fp16_bytes,
         "weight_bytes_packed": report.packed_bytes,
     }
-    bundle.write(card)
-    print(json.dumps({key: value for key, value in card.items() if key != "kept_in_float"}))
+    context.finish(bundle, card)
 
 
 def run_tiny_vae(args: argparse.Namespace) -> None:
     from compression.card import carried_card, size_card
-    from compression.distill import TinyVaeConfig, distill_tiny_vae
+    from compression.distill import TinyVaeConfig, default_tiny, distill_tiny_vae
 
     config = TinyVaeConfig(
         steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, encoder=args.encoder
     )
+    if args.width < 1:
+        raise ValueError(f"--width must be at least 1, got {args.width}")
     prompts = read_prompts(args.prompts)
     context = _Context(args)
     cloud = context.pair.cloud
     latents = context.trajectories(cloud.pipe.unet, prompts).final_latents
-    tiny, stats = distill_tiny_vae(cloud.pipe.vae.float(), latents, config)
-    bundle = context.start("tiny-vae", **asdict(config), latents=len(latents))
+    tiny, stats = distill_tiny_vae(cloud.pipe.vae.float(), latents, config, default_tiny(cloud.pipe.vae, args.width))
+    bundle = context.start("tiny-vae", **asdict(config), width=args.width, latents=len(latents))
     bundle.vae_latent_space = cloud.latent_space
     if context.source_bundle is not None:
         shutil.copytree(context.source_bundle.unet, bundle.unet)
@@ -303,8 +312,7 @@ def run_tiny_vae(args: argparse.Namespace) -> None:
         card = size_card(bundle, unet)
     tiny.save_pretrained(bundle.path / "vae")
     card = {**card, **carried_card(bundle), "tiny_vae_distillation": stats}
-    bundle.write(card)
-    print(json.dumps(card))
+    context.finish(bundle, card)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -330,5 +338,4 @@ def run_export(args: argparse.Namespace) -> None:
     bundle = context.start("export", prompts=len(prompts), switch_steps=switch_steps)
     shutil.copytree(context.source_bundle.unet, bundle.unet)
     card = {**context.source_bundle.card, **carried_card(bundle), "quality": quality}
-    bundle.write(card)
-    print(json.dumps(card))
+    context.finish(bundle, card)

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import try_to_load_from_cache
 
+from hybrid_sd.bundle import BUNDLE_FILE, read_bundle
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.devices import check_device
 from hybrid_sd.errors import IncompatibleModelsError
@@ -53,7 +54,9 @@ def preset(name: str) -> PairSpec:
     if name in EMBEDDED_PRESETS:
         return embedded_spec(EMBEDDED_PRESETS[name])
     if name not in TINY_PRESETS:
-        raise ValueError(f"pair must be one of {', '.join(PAIR_NAMES)}, got {name!r}")
+        if Path(name).is_dir():
+            return embedded_spec(Path(name))
+        raise ValueError(f"pair must be one of {', '.join(PAIR_NAMES)} or a trained pair's folder, got {name!r}")
     root = cache_dir() / name
     if not (root / "edge-vae" / "config.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -71,16 +74,21 @@ def preset(name: str) -> PairSpec:
 
 
 def embedded_spec(root: Path) -> PairSpec:
-    """The spec of a trained pair folder as ``hybrid-sd train-shapes`` writes it: the edge is a UNet on the
-    cloud's text encoder, with a tiny decoder for the cloud VAE's latent space."""
+    """The spec of a trained pair folder: ``cloud/`` with an edge on the cloud's text encoder, either an edge
+    bundle in ``edge/`` (as the shipped pair: ``hybrid-sd compress`` made it) or ``edge-unet/`` and
+    ``edge-vae/`` (as ``hybrid-sd train-shapes`` writes it)."""
     vae_config = root / "cloud" / "vae" / "config.json"
     if not vae_config.is_file():
         raise ValueError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
     scaling_factor = json.loads(vae_config.read_text())["scaling_factor"]
+    edge, edge_vae = root / "edge-unet", root / "edge-vae"
+    if (root / "edge" / BUNDLE_FILE).is_file():
+        bundle = read_bundle(root / "edge")
+        edge, edge_vae = bundle.unet, bundle.vae or edge_vae
     return PairSpec(
         str(root / "cloud"),
-        str(root / "edge-unet"),
-        str(root / "edge-vae"),
+        str(edge),
+        str(edge_vae),
         latent_space_name(scaling_factor),
         edge_shares_text_encoder=True,
         description=f"trained pair at {root}",

@@ -47,9 +47,10 @@ def load_profile(path: Path) -> SwitchProfile:
 
 
 def default_profile(pair_name: str | None) -> SwitchProfile | None:
-    """The shipped evaluation of an embedded pair (the shapes pair), else None."""
-    folder = EMBEDDED_PRESETS.get(pair_name or "")
-    return load_profile(folder / "evaluation.json") if folder else None
+    """The evaluation of an embedded pair (the shapes pair) or of a trained pair's folder, else None."""
+    folder = EMBEDDED_PRESETS.get(pair_name or "") or Path(pair_name or "")
+    evaluation = folder / "evaluation.json"
+    return load_profile(evaluation) if pair_name and evaluation.is_file() else None
 
 
 def _parse(data: dict, source: str) -> SwitchProfile:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,7 +25,10 @@ from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
 from hybrid_sd.lowbit.storage import save_quantized_unet
 from hybrid_sd.pairs import load_pair, load_unet, preset
 from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.presets import EMBEDDED_PRESETS
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.shapes_pair.evaluate import evaluate
+from hybrid_sd.shapes_pair.model_card import write_model_card
 from hybrid_sd.wire import state_from_payload, state_payload
 from tests.conftest import load_reference
 from tests.reference import reference_run
@@ -179,6 +183,32 @@ def test_generate_and_serve_take_a_bundle(bundles, tmp_path, capsys):
     assert str(bundles["export"] / "unet") in capsys.readouterr().out
     assert main([*command, "--edge-bundle", str(tmp_path), "--out", str(out)]) == 2
     assert "bundle" in capsys.readouterr().err
+
+
+def test_a_pair_folder_with_an_edge_bundle_is_served_measured_and_described(bundles, tmp_path):
+    """A trained pair's folder whose edge is a bundle (``edge/``): ``--pair FOLDER`` serves it, the evaluation
+    costs it from the bundle's card, and the model card lists how it was made."""
+    folder = tmp_path / "pair"
+    shutil.copytree(EMBEDDED_PRESETS["shapes"] / "cloud", folder / "cloud")
+    shutil.copy(EMBEDDED_PRESETS["shapes"] / "training.json", folder)
+    shutil.copytree(bundles["tiny"], folder / "edge")
+    out, latents = tmp_path / "image.png", tmp_path / "latents.safetensors"
+    command = ["generate", "--prompt", "a large red circle", "--steps", "4", "--seed", "1", "--pair", str(folder)]
+    assert main([*command, "--out", str(out), "--latents-out", str(latents)]) == 0
+    pair = load_pair(bundle_spec(preset("shapes"), bundles["tiny"]))  # the same models, named the other way
+    expected = HybridPipeline(pair)(GenerationRequest("a large red circle", num_inference_steps=4, seed=1))
+    assert torch.equal(load_file(latents)["latents"], expected.latents)
+
+    evaluation = evaluate(folder, tmp_path / "sweep", prompts=2, num_inference_steps=4, switch_steps=(0, 2, 4))
+    card = read_bundle(bundles["tiny"]).card
+    assert evaluation["costs"]["small_unet"] == {"flops": 2 * card["macs_per_unet_step"], "params": card["unet_params"]}
+    assert set(evaluation["bytes"]) == {"cloud", "edge/unet", "edge/vae"}
+    history = evaluation["edge_bundle"]["history"]
+    assert [step["action"] for step in history] == ["prune", "distill", "quantize", "tiny-vae"]
+    assert all(step["seconds"] > 0 for step in history) and history[-1]["width"] == 64
+    text = write_model_card(folder).read_text()
+    assert "## Compression" in text and f"{card['quantized_layers']} of its layers run W8A8" in text
+    assert all(f"| {step['action']} |" in text for step in history)
 
 
 def test_a_calibrated_unet_saved_and_loaded_gives_equal_outputs(pairs, tmp_path):

@@ -1,5 +1,6 @@
-"""The shipped shapes pair: it is the default, it is small, its card is its measurements, and its quality
-shows the hybrid trade-off: large alone best, small alone clearly worse, the hybrid at 40% in between."""
+"""The shipped shapes pair: it is the default, it is small, its card is its measurements, and its quality shows
+the hybrid trade-off: large alone binds the captions, the edge alone is clearly worse, and the hybrid at 40%
+recovers most of the gap."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import csv
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +21,22 @@ from safetensors import safe_open
 from hybrid_sd.cli import main
 from hybrid_sd.pairs import embedded_spec, load_pair, preset
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.presets import DEFAULT_PAIR, EMBEDDED_PRESETS
+from hybrid_sd.presets import DEFAULT_PAIR, EMBEDDED_PRESETS, PairSpec
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.shapes.adherence import score
 from hybrid_sd.shapes_pair.evaluate import HeldoutSet, gap_recovered
 from hybrid_sd.shapes_pair.model_card import write_model_card
 
 PAIR_DIR = EMBEDDED_PRESETS["shapes"]
+README = Path(__file__).parent.parent / "README.md"
 STEPS = 20
 HYBRID_K = round(0.4 * STEPS)
 PROMPTS = 64  # the committed evaluation's held-out captions (seed 0, DPM-Solver++, guidance 7.5)
-# Measured on the development machine (evaluation.json, the model card): overall adherence large alone
-# 0.615, small alone 0.572, hybrid at k = 8 0.568; FD 26.4, 34.6 and 29.3 (a second real sample: 6.0).
-LARGE_ADHERENCE_AT_LEAST = 0.58
-SMALL_ADHERENCE_BELOW_LARGE_BY = 0.02
-SMALL_FD_ABOVE_LARGE_BY = 5.0
-HYBRID_FD_GAP_CLOSED_AT_LEAST = 0.4
+# Issue 12's bars, measured on the development machine (evaluation.json, the model card).
+LARGE_ADHERENCE_AT_LEAST = 0.85
+EDGE_ADHERENCE_BELOW_LARGE_BY = 0.15
+HYBRID_GAP_RECOVERED_AT_LEAST = 0.7  # in overall adherence and in FD
+README_SEEDS, README_CORRECT_AT_LEAST = range(10), 8
 # Other CPUs round differently; the images, and so the scores, may move a little.
 ADHERENCE_TOLERANCE, FD_TOLERANCE = 0.03, 2.0
 
@@ -106,19 +110,31 @@ def test_the_engine_reproduces_the_committed_evaluation(measured):
         assert abs(values["fd"] - committed[str(k)]["frechet_distance"]) <= FD_TOLERANCE, k
 
 
-def test_large_model_alone_adheres_to_the_prompt(measured):
+def test_large_model_alone_binds_the_captions(measured):
     assert measured[STEPS]["adherence"] >= LARGE_ADHERENCE_AT_LEAST, measured
 
 
-def test_small_model_alone_is_worse(measured):
-    small, large = measured[0], measured[STEPS]
-    assert small["adherence"] <= large["adherence"] - SMALL_ADHERENCE_BELOW_LARGE_BY, measured
-    assert small["fd"] >= large["fd"] + SMALL_FD_ABOVE_LARGE_BY, measured
+def test_edge_model_alone_is_clearly_worse(measured):
+    edge, large = measured[0], measured[STEPS]
+    assert edge["adherence"] <= large["adherence"] - EDGE_ADHERENCE_BELOW_LARGE_BY, measured
+    assert edge["fd"] > large["fd"], measured
 
 
-def test_hybrid_at_40_percent_closes_most_of_the_fd_gap(measured):
-    small, hybrid, large = (measured[k]["fd"] for k in (0, HYBRID_K, STEPS))
-    assert small - hybrid >= HYBRID_FD_GAP_CLOSED_AT_LEAST * (small - large), measured
+@pytest.mark.parametrize("metric", ["adherence", "fd"])
+def test_hybrid_at_40_percent_recovers_most_of_the_gap(measured, metric):
+    edge, hybrid, large = (measured[k][metric] for k in (0, HYBRID_K, STEPS))
+    assert (hybrid - edge) >= HYBRID_GAP_RECOVERED_AT_LEAST * (large - edge), measured
+
+
+def test_the_readme_first_command_draws_what_it_says(pairs):
+    """The README's first command's prompt, at the default switch step, is right in every attribute for most
+    seeds (in-process: the served path gives the same image, tests/test_serving.py)."""
+    prompt = re.search(r'cluster up --generate "([^"]+)"', README.read_text()).group(1)
+    pipeline = HybridPipeline(pairs["shapes"])
+    correct = []
+    for seed in README_SEEDS:
+        correct.append(score(pipeline(GenerationRequest(prompt, seed=seed)).image, prompt).overall == 1.0)
+    assert sum(correct) >= README_CORRECT_AT_LEAST, correct
 
 
 def test_train_shapes_command_writes_a_pair_that_loads_and_its_card(tmp_path):
@@ -170,6 +186,17 @@ def test_train_shapes_command_writes_a_pair_that_loads_and_its_card(tmp_path):
         assert evaluation["bytes"][name] == sum(path.stat().st_size for path in (out / name).rglob("*.safetensors"))
     with Image.open(sweep / "grid.png") as grid:
         assert grid.size == (32 + 64 * len(ks), 16 + 64 * 2)
+
+
+def test_a_cloud_only_run_writes_the_cloud_model_and_its_record_alone(tmp_path):
+    out = tmp_path / "trained"
+    steps = ["--vae-crop-steps", "2", "--vae-full-steps", "1", "--large-steps", "2", "--warmup-steps", "1"]
+    assert main(["train-shapes", "--cloud-only", "--out", str(out), "--images", "64", "--batch-size", "8", *steps]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["cloud", "training.json"]
+    training = json.loads((out / "training.json").read_text())
+    assert list(training["stages"]) == ["render", "vae", "large"] and training["stages"]["large"]["steps"] == 2
+    pipeline = HybridPipeline.from_pair(PairSpec(str(out / "cloud"), str(out / "cloud")))  # what compress starts from
+    assert pipeline(GenerationRequest("a small red circle", num_inference_steps=2, seed=1)).image.size == (64, 64)
 
 
 @pytest.mark.may_skip

@@ -227,6 +227,7 @@ def test_the_shipped_evaluation_as_a_profile():
     assert profile.quality[8] == evaluation["switch_steps"]["8"]["adherence"]["overall"]
     assert profile.quality_at(4, 10) == profile.quality[8]  # the same fraction of a shorter schedule
     assert default_profile("tiny-sd1") is None
+    assert default_profile(str(EMBEDDED_PRESETS["shapes"])).quality == profile.quality  # a pair's folder
 
 
 def test_a_sweep_summary_as_a_profile(tmp_path):

@@ -48,12 +48,13 @@ class TinyVaeConfig:
                 )
 
 
-def default_tiny(vae: AutoencoderKL) -> AutoencoderTiny:
-    """TAESD's architecture for ``vae``'s latent channels and down-sampling (one stage per VAE stage)."""
+def default_tiny(vae: AutoencoderKL, width: int = TAESD_WIDTH) -> AutoencoderTiny:
+    """TAESD's architecture for ``vae``'s latent channels and down-sampling (one stage per VAE stage), with
+    ``width`` channels in every block."""
     stages = len(vae.config.block_out_channels)
     return AutoencoderTiny(
-        encoder_block_out_channels=(TAESD_WIDTH,) * stages,
-        decoder_block_out_channels=(TAESD_WIDTH,) * stages,
+        encoder_block_out_channels=(width,) * stages,
+        decoder_block_out_channels=(width,) * stages,
         num_encoder_blocks=(1,) + (TAESD_BLOCKS,) * (stages - 1),
         num_decoder_blocks=(TAESD_BLOCKS,) * (stages - 1) + (1,),
         latent_channels=vae.config.latent_channels,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from compression.prune.calibration import Calibration
 from compression.prune.units import GROUP, PruneUnit, unit_count
+from hybrid_sd.flop_count import flop_counter
 
 
 def count_params(module: nn.Module) -> int:
@@ -24,10 +23,7 @@ def count_macs(unet: UNet2DConditionModel, calibration: Calibration) -> int:
 
 def module_macs(unet: UNet2DConditionModel, calibration: Calibration) -> dict[str, int]:
     """MACs (half of FlopCounterMode's FLOPs) of each module, by name; ``""`` is the whole UNet."""
-    # On the CPU attention runs as _scaled_dot_product_flash_attention_for_cpu, which the counter
-    # has no formula for; it costs what the GPU kernels do.
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+    with flop_counter() as counter:
         calibration.first().run(unet)
     root = type(unet).__name__
     macs = {}
@@ -60,7 +56,3 @@ def unit_costs(
             total = macs[unit.module]
         costs[unit] = total // unit_count(module)
     return costs
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)

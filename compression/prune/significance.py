@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from diffusers import UNet2DConditionModel
+from tqdm import tqdm
 
 from compression.prune.calibration import Calibration
 from compression.prune.units import PruneUnit, find_units, masked
@@ -21,7 +22,7 @@ def measure_significance(
     reference = calibration.run(unet)
     scale = reference.norm()
     scores = {}
-    for unit in units:
+    for unit in tqdm(units, desc="significance of each unit"):
         with masked(unet, [unit]):
             scores[unit.name] = ((calibration.run(unet) - reference).norm() / scale).item()
     return scores

@@ -17,9 +17,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models (a preset, or a cloud and an edge model)")
     models.add_argument(
         "--pair",
-        choices=PAIR_NAMES,
+        type=pair_name,
         default=os.environ.get("HYBRID_SD_PAIR"),
-        help=f"model pair preset (default: $HYBRID_SD_PAIR or {DEFAULT_PAIR})",
+        help=f"model pair: one of {', '.join(PAIR_NAMES)}, or a trained pair's folder (hybrid-sd train-shapes)"
+        f" (default: $HYBRID_SD_PAIR or {DEFAULT_PAIR})",
     )
     models.add_argument("--cloud-model", help="diffusers pipeline folder or hub ID of the large model")
     models.add_argument("--edge-model", help="diffusers pipeline or UNet folder, or hub ID, of the small model")
@@ -38,6 +39,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     models.add_argument("--device", help="torch device (default: cpu; cuda for a gateway with GPU replicas)")
     models.add_argument("--dtype", choices=DTYPES, default="float32")
+
+
+def pair_name(value: str) -> str:
+    """A preset's name or a folder that holds a trained pair."""
+    if value in PAIR_NAMES or Path(value).is_dir():
+        return value
+    raise argparse.ArgumentTypeError(f"must be one of {', '.join(PAIR_NAMES)} or a pair's folder, got {value!r}")
 
 
 def add_client_security_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -25,17 +25,28 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints")
     train.add_argument("--resume", action="store_true", help="continue the stopped run in --checkpoints")
-    add_evaluation_arguments(train)
+    train.add_argument(
+        "--cloud-only",
+        action="store_true",
+        help="stop after the large UNet: write cloud/ and training.json, for an edge that hybrid-sd compress makes"
+        " (scripts/make_shapes_pair.sh); no evaluation",
+    )
+    add_evaluation_arguments(train, sweep_required=False)
     train.set_defaults(handler=run_train)
 
     evaluate = commands.add_parser("evaluate-shapes", help="measure a trained shapes pair and rewrite its model card")
     evaluate.add_argument("--pair", type=Path, required=True, help="a folder written by train-shapes")
-    add_evaluation_arguments(evaluate)
+    add_evaluation_arguments(evaluate, sweep_required=True)
     evaluate.set_defaults(handler=run_evaluate)
 
 
-def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sweep-out", type=Path, required=True, help="folder for the evaluation sweep (resumable)")
+def add_evaluation_arguments(parser: argparse.ArgumentParser, sweep_required: bool) -> None:
+    parser.add_argument(
+        "--sweep-out",
+        type=Path,
+        required=sweep_required,
+        help="folder for the evaluation sweep (resumable)" + ("" if sweep_required else "; not with --cloud-only"),
+    )
     parser.add_argument("--eval-prompts", type=int, default=64, help="held-out captions to evaluate on")
 
 
@@ -44,7 +55,10 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
     output_folder(args.out)  # all before an hour of training
-    output_folder(args.sweep_out, "--sweep-out")
+    if not args.cloud_only:
+        if args.sweep_out is None:
+            raise ValueError("--sweep-out: required (the folder of the evaluation sweep) unless --cloud-only")
+        output_folder(args.sweep_out, "--sweep-out")
     if args.checkpoint_minutes <= 0:
         raise ValueError(f"--checkpoint-minutes: must be positive, got {args.checkpoint_minutes}")
     from hybrid_sd.devices import check_device
@@ -53,8 +67,11 @@ def run_train(args: argparse.Namespace) -> None:
 
     check_device(args.device)
     checkpoints = Checkpoints(args.checkpoints, 60 * args.checkpoint_minutes)
-    train(args.out, config, args.device, checkpoints, args.resume)
-    _evaluate(args.out, args)
+    train(args.out, config, args.device, checkpoints, args.resume, args.cloud_only)
+    if args.cloud_only:
+        print(f"cloud model: {args.out / 'cloud'} (make its edge with hybrid-sd compress: scripts/make_shapes_pair.sh)")
+    else:
+        _evaluate(args.out, args)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
-from hybrid_sd.bundle import folder_bytes
+from hybrid_sd.bundle import BUNDLE_FILE, Bundle, folder_bytes, read_bundle
+from hybrid_sd.flop_count import flop_counter
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
@@ -76,14 +76,26 @@ class HeldoutSet:
 
 @torch.no_grad()
 def flops_per_call(module: torch.nn.Module, *inputs) -> int:
-    """Floating-point operations of one forward call (torch's FLOP counter: matmuls and convolutions)."""
-    with FlopCounterMode(display=False) as counter:
+    """Floating-point operations of one forward call (matmuls, convolutions and attention)."""
+    with flop_counter() as counter:
         module(*inputs)
     return counter.get_total_flops()
 
 
-def model_costs(pipeline: HybridPipeline) -> dict:
-    """FLOPs per UNet evaluation (batch 1; classifier-free guidance doubles it) and per decode, and parameters."""
+def edge_bundle(pair_dir: Path) -> Bundle | None:
+    """The pair's edge bundle (``edge/``, made by ``hybrid-sd compress``), or None for train-shapes' layout."""
+    return read_bundle(pair_dir / "edge") if (pair_dir / "edge" / BUNDLE_FILE).is_file() else None
+
+
+def weight_folders(pair_dir: Path) -> tuple[str, ...]:
+    """The pair's weight folders, relative to it."""
+    return ("cloud", "edge/unet", "edge/vae") if edge_bundle(pair_dir) else ("cloud", "edge-unet", "edge-vae")
+
+
+def model_costs(pipeline: HybridPipeline, bundle: Bundle | None = None) -> dict:
+    """FLOPs per UNet evaluation (batch 1; classifier-free guidance doubles it) and per decode, and parameters.
+    A bundle's edge UNet is costed from its card: the float architecture's MACs (int8 kernels do the same
+    multiply-accumulates, which the FLOP counter does not see)."""
     cloud, edge = pipeline.cloud.pipe, pipeline.edge.pipe
     unet_config = cloud.unet.config
     latents = torch.zeros(1, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
@@ -98,7 +110,11 @@ def model_costs(pipeline: HybridPipeline) -> dict:
             "flops": flops_per_call(cloud.unet, latents, timestep, context),
             "params": parameters(cloud.unet),
         },
-        "small_unet": {"flops": flops_per_call(edge.unet, latents, timestep, context), "params": parameters(edge.unet)},
+        "small_unet": (
+            {"flops": 2 * bundle.card["macs_per_unet_step"], "params": bundle.card["unet_params"]}
+            if bundle is not None
+            else {"flops": flops_per_call(edge.unet, latents, timestep, context), "params": parameters(edge.unet)}
+        ),
         "vae_decoder": {
             "flops": flops_per_call(lambda z: cloud.vae.decode(z), latents),
             "params": parameters(cloud.vae.decoder) + parameters(cloud.vae.post_quant_conv),
@@ -123,6 +139,7 @@ def evaluate(
     """Sweep the pair at ``pair_dir`` into ``sweep_dir``; return the evaluation and write it to
     ``pair_dir/evaluation.json``."""
     pipeline = HybridPipeline.from_pair(embedded_spec(pair_dir))
+    bundle = edge_bundle(pair_dir)
     heldout = HeldoutSet(prompts)
     config = SweepConfig(
         switch_steps=list(switch_steps),
@@ -146,6 +163,8 @@ def evaluate(
             "cloud_unet_evaluations": int(chosen[0]["cloud_unet_evaluations"]),
         }
     evaluation = {
+        # How hybrid-sd compress made the edge: its card, with each action's settings and wall time.
+        "edge_bundle": {**bundle.card, "history": bundle.history} if bundle is not None else None,
         "prompts": prompts,
         "heldout_seed": HELDOUT_SEED,
         "seed": seed,
@@ -157,8 +176,8 @@ def evaluate(
         "frechet_distance_real_vs_real": frechet_distance(
             heldout.real_features, features(heldout_images(prompts, 3000), heldout.net)
         ),
-        "costs": model_costs(pipeline),
-        "bytes": {name: folder_bytes(pair_dir / name) for name in ("cloud", "edge-unet", "edge-vae")},
+        "costs": model_costs(pipeline, bundle),
+        "bytes": {name: folder_bytes(pair_dir / name) for name in weight_folders(pair_dir)},
         "summary": {k: entry["metrics"]["adherence"] for k, entry in summary["switch_steps"].items()},
     }
     (pair_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")

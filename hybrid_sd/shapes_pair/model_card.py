@@ -19,12 +19,20 @@ def _percent(share: float | None) -> str:
 
 
 def _architecture_table(evaluation: dict) -> list[str]:
-    costs, sizes = evaluation["costs"], evaluation["bytes"]
+    costs, sizes, bundle = evaluation["costs"], evaluation["bytes"], evaluation.get("edge_bundle")
+    edge = ("small UNet (edge)", "UNet2DConditionModel, channels 32/48/64, attention at 8², 4²")
+    tiny = "AutoencoderTiny (TAESD blocks), 16 channels, blocks 3/2/1"
+    if bundle is not None:
+        actions = [step["action"] for step in bundle["history"]]
+        edge = ("edge UNet", f"an edge bundle `hybrid-sd compress` made ({', '.join(actions)}; see Compression)")
+        widths = [step["width"] for step in bundle["history"] if step["action"] == "tiny-vae"]
+        if widths:
+            tiny = f"AutoencoderTiny (TAESD blocks), {widths[-1]} channels, from `hybrid-sd compress tiny-vae`"
     rows = [
         ("large UNet (cloud)", "UNet2DConditionModel, channels 64/128/128, attention at 16², 8², 4²", "large_unet"),
-        ("small UNet (edge)", "UNet2DConditionModel, channels 32/48/64, attention at 8², 4²", "small_unet"),
+        (*edge, "small_unet"),
         ("VAE decoder", "AutoencoderKL, channels 16/32/64, 4x down-sampling, 4 latent channels", "vae_decoder"),
-        ("tiny decoder (edge)", "AutoencoderTiny (TAESD blocks), 16 channels, blocks 3/2/1", "tiny_decoder"),
+        ("tiny decoder (edge)", tiny, "tiny_decoder"),
         ("text encoder (shared)", "CLIPTextModel, width 128, 3 layers, 4 heads, 32 tokens", "text_encoder"),
     ]
     lines = ["| model | architecture | parameters | MFLOPs per call (batch 1) |", "| --- | --- | --- | --- |"]
@@ -37,9 +45,9 @@ def _architecture_table(evaluation: dict) -> list[str]:
     megabytes = ", ".join(f"`{name}/` {size / 1e6:.1f} MB" for name, size in sizes.items())
     lines += [
         "",
-        f"The small UNet takes {ratio:.1f}x fewer FLOPs per step than the large one; the tiny decoder"
+        f"The edge UNet takes {ratio:.1f}x fewer FLOPs per step than the large one; the tiny decoder"
         f" {decoder_ratio:.1f}x fewer than the VAE decoder. Classifier-free guidance runs each UNet at batch 2."
-        f" Weights are float16 safetensors: {megabytes}.",
+        f" FLOPs count matmuls, convolutions and attention. Weights on disk: {megabytes}.",
     ]
     return lines
 
@@ -64,11 +72,13 @@ def _training_lines(training: dict) -> list[str]:
         "large": "text encoder and large UNet together, epsilon loss with Min-SNR-5 weighting, 10% captions dropped"
         f" for guidance, EMA {config['ema_decay']}",
         "small": "small UNet from scratch: MSE to the large UNet's prediction plus the epsilon loss (output"
-        " distillation; the compression issue's pruning was not ready), frozen text encoder",
+        " distillation), frozen text encoder",
         "tiny": "AutoencoderTiny: decoder to the VAE decoder's and the real images (L1), encoder to the VAE's scaled"
         " means (MSE)",
     }
     for name, text in described.items():
+        if name not in stages:  # a cloud-only run (the edge made by hybrid-sd compress)
+            continue
         stage = stages[name]
         lines.append(
             f"| {name} | {text} | {stage['steps']} x {config['batch_size']} ({stage['steps'] * config['batch_size']})"
@@ -78,12 +88,37 @@ def _training_lines(training: dict) -> list[str]:
     return lines
 
 
+def _compression_lines(bundle: dict) -> list[str]:
+    """The compress actions that made the edge bundle, with their settings and times."""
+    lines = [
+        "The edge is an edge bundle (`edge/`) that `hybrid-sd compress` made from the large UNet, as Hybrid-SD"
+        " does; each action's settings and wall time (on the same machine, model loading included):",
+        "",
+        "| action | settings | time |",
+        "| --- | --- | --- |",
+    ]
+    for step in bundle["history"]:
+        settings = ", ".join(f"{key} {value}" for key, value in step.items() if key not in ("action", "seconds"))
+        lines.append(f"| {step['action']} | {settings} | {step.get('seconds', 0) / 60:.1f} min |")
+    lines += [
+        "",
+        f"The UNet keeps {bundle['unet_params'] / 1e6:.2f}M parameters and {bundle['macs_per_unet_step'] / 1e6:.0f}M"
+        " MACs per step.",
+    ]
+    if "quantized_layers" in bundle:
+        lines[-1] += (
+            f" {bundle['quantized_layers']} of its layers run {bundle['mode']} on the {bundle['kernel']} kernels;"
+            f" {len(bundle['kept_in_float'])} stay in float (`edge/calibration.json`, where written, says why)."
+        )
+    return lines
+
+
 def _quality_lines(evaluation: dict) -> list[str]:
     steps = evaluation["num_inference_steps"]
     lines = [
         f"{evaluation['prompts']} held-out captions (dataset seed {evaluation['heldout_seed']}), image seed"
         f" {evaluation['seed']}, {steps} steps of {evaluation['scheduler']}, guidance {evaluation['guidance_scale']}."
-        " k is the number of steps on the large model; k = 0 is the small model alone, k = "
+        " k is the number of steps on the large model; k = 0 is the edge model alone, k = "
         f"{steps} the large one alone. Adherence is the deterministic scorer of `hybrid_sd.shapes.adherence`;"
         " FD is the Fréchet distance to the real renders of the same scenes in the shipped feature net's space"
         f" (a second real sample scores {evaluation['frechet_distance_real_vs_real']:.1f}).",
@@ -101,7 +136,7 @@ def _quality_lines(evaluation: dict) -> list[str]:
     if str(hybrid_k) in evaluation["switch_steps"]:
         lines += [
             "",
-            f"Against the small model alone, the hybrid at k = {hybrid_k} (40% of the steps) closes"
+            f"Against the edge model alone, the hybrid at k = {hybrid_k} (40% of the steps) closes"
             f" {_percent(gap_recovered(evaluation, hybrid_k, 'frechet_distance'))} of the gap to the large model"
             f" alone in FD and {_percent(gap_recovered(evaluation, hybrid_k))} of the gap in overall adherence.",
         ]
@@ -112,16 +147,28 @@ def write_model_card(pair_dir: Path) -> Path:
     """Write ``pair_dir/README.md`` and return its path."""
     training = json.loads((pair_dir / "training.json").read_text())
     evaluation = json.loads((pair_dir / "evaluation.json").read_text())
+    bundle = evaluation.get("edge_bundle")
+    if bundle is None:
+        edge_text = "the small one and the tiny decoder on the edge"
+        folders = "`edge-unet/` (the small `UNet2DConditionModel`), `edge-vae/` (the `AutoencoderTiny`)"
+        compression = []
+    else:
+        edge_text = (
+            "on the edge a UNet that `hybrid-sd compress` made from the large one (pruned, distilled, W8A8) and"
+            " a tiny decoder"
+        )
+        folders = "`edge/` (the edge bundle: `unet/` low-bit and pruned, `vae/` the `AutoencoderTiny`, its card)"
+        compression = ["## Compression", "", *_compression_lines(bundle), ""]
     lines = [
         "# The shapes pair",
         "",
         "hybrid-sd's embedded default (`--pair shapes`): a text-to-image latent diffusion pair trained from"
         " nothing on the captioned shapes dataset (`hybrid_sd.shapes.dataset`), small enough for a CPU. The"
-        " large UNet runs on the cloud, the small one and the tiny decoder on the edge; both UNets share the text"
-        " encoder and the VAE's latent space, so a run can switch from one to the other at any step.",
+        f" large UNet runs on the cloud, {edge_text}; both UNets share the text encoder and the VAE's latent"
+        " space, so a run can switch from one to the other at any step.",
         "",
         "Folders: `cloud/` (a `StableDiffusionPipeline`: tokenizer, text encoder, VAE, large UNet, DPM-Solver++"
-        " scheduler), `edge-unet/` (the small `UNet2DConditionModel`), `edge-vae/` (the `AutoencoderTiny`).",
+        f" scheduler), {folders}.",
         "",
         "## Models",
         "",
@@ -131,6 +178,7 @@ def write_model_card(pair_dir: Path) -> Path:
         "",
         *_training_lines(training),
         "",
+        *compression,
         "## Quality and cost",
         "",
         *_quality_lines(evaluation),
@@ -144,9 +192,15 @@ def write_model_card(pair_dir: Path) -> Path:
         "trains every model with the settings above, runs the evaluation sweep and rewrites this card"
         " (`--checkpoints DIR` checkpoints each stage every five minutes and `--resume` continues a stopped run;"
         " `--device cuda` trains on a GPU); `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a"
-        " trained pair. Training is seeded,"
-        " but CPU kernels differ between machines and thread counts, so a retrained pair matches these numbers"
-        " within a tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
+        " trained pair."
+        + (
+            ""
+            if bundle is None
+            else " The edge here was made afterwards from the cloud model by the `hybrid-sd compress` actions listed"
+            " under Compression (`train-shapes --cloud-only` trains the cloud model alone)."
+        )
+        + " Training is seeded, but CPU kernels differ between machines and thread counts, so a retrained pair"
+        " matches these numbers within a tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
         "",
     ]
     path = pair_dir / "README.md"

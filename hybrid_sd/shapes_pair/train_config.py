@@ -17,7 +17,7 @@ class TrainConfig:
     vae_full_steps: int = 200
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    large_steps: int = 2200
+    large_steps: int = 4000
     large_lr: float = 5e-4
     small_steps: int = 2200
     small_lr: float = 1e-3

@@ -3,8 +3,10 @@ then the small UNet distilled from the large one, then the tiny autoencoder dist
 is resumable from its checkpoints (:mod:`hybrid_sd.shapes_pair.checkpoints`).
 
 Writes ``cloud/`` (a StableDiffusionPipeline folder), ``edge-unet/`` (the small UNet alone: the edge shares
-the cloud's text encoder), ``edge-vae/`` (the AutoencoderTiny) and ``training.json`` under ``--out``.
-Weights are stored in float16 to keep the pair small; the engine loads them in the dtype it is asked for.
+the cloud's text encoder), ``edge-vae/`` (the AutoencoderTiny) and ``training.json`` under ``--out``; a
+cloud-only run stops after the large UNet and writes ``cloud/`` and ``training.json`` (its edge is made by
+``hybrid-sd compress``). Weights are stored in float16 to keep the pair small; the engine loads them in the
+dtype it is asked for.
 """
 
 from __future__ import annotations
@@ -223,10 +225,16 @@ def train_tiny(
 
 
 def train(
-    out: Path, config: TrainConfig, device: str = "cpu", checkpoints: Checkpoints | None = None, resume: bool = False
+    out: Path,
+    config: TrainConfig,
+    device: str = "cpu",
+    checkpoints: Checkpoints | None = None,
+    resume: bool = False,
+    cloud_only: bool = False,
 ) -> dict:
-    """Every stage, then the pair written under `out`; returns what ``training.json`` records. With
-    ``checkpoints``, each stage checkpoints as it goes and ``resume`` continues a stopped run."""
+    """Every stage (up to the large UNet's if ``cloud_only``), then the pair written under `out`; returns what
+    ``training.json`` records. With ``checkpoints``, each stage checkpoints as it goes and ``resume`` continues
+    a stopped run."""
     checkpoints = checkpoints or Checkpoints()
     checkpoints.start(config, resume)
     run = Run(config, torch.device(device), checkpoints)
@@ -250,15 +258,7 @@ def train(
     data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 1)
     stages["large"] = train_large(run, data, text_encoder, large)
 
-    torch.manual_seed(config.seed + 2)
-    small = pair_models.build_small_unet().to(run.device)
-    data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 2)
-    text_encoder.requires_grad_(False)
-    large.requires_grad_(False)
-    stages["small"] = train_small(run, data, text_encoder, large, small)
-
-    tiny, stages["tiny"] = train_tiny(run, vae, images, means, stds, scaling_factor)
-
+    out.mkdir(parents=True, exist_ok=True)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -269,10 +269,17 @@ def train(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if not cloud_only:
+        torch.manual_seed(config.seed + 2)
+        small = pair_models.build_small_unet().to(run.device)
+        data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 2)
+        text_encoder.requires_grad_(False)
+        large.requires_grad_(False)
+        stages["small"] = train_small(run, data, text_encoder, large, small)
+        tiny, stages["tiny"] = train_tiny(run, vae, images, means, stds, scaling_factor)
+        small.to("cpu", torch.float16).save_pretrained(out / "edge-unet")
+        tiny.to("cpu", torch.float16).save_pretrained(out / "edge-vae")
     pipeline.to("cpu", torch.float16).save_pretrained(out / "cloud")
-    small.to("cpu", torch.float16).save_pretrained(out / "edge-unet")
-    tiny.to("cpu", torch.float16).save_pretrained(out / "edge-vae")
     record = {
         "config": asdict(config),
         "scaling_factor": scaling_factor,
