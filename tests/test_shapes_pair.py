@@ -186,6 +186,8 @@ def test_train_shapes_command_writes_a_pair_that_loads_and_its_card(tmp_path):
         assert evaluation["bytes"][name] == sum(path.stat().st_size for path in (out / name).rglob("*.safetensors"))
     with Image.open(sweep / "grid.png") as grid:
         assert grid.size == (32 + 64 * len(ks), 16 + 64 * 2)
+    with Image.open(sweep / "adherence_fd_vs_k.png") as plot:
+        assert plot.size == (1000, 400)
 
 
 def test_a_cloud_only_run_writes_the_cloud_model_and_its_record_alone(tmp_path):

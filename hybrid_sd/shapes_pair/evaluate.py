@@ -181,7 +181,32 @@ def evaluate(
         "summary": {k: entry["metrics"]["adherence"] for k, entry in summary["switch_steps"].items()},
     }
     (pair_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    plot_adherence_and_fd(evaluation, config.out / "adherence_fd_vs_k.png")
     return evaluation
+
+
+def plot_adherence_and_fd(evaluation: dict, path: Path) -> None:
+    """Adherence per attribute and overall (left) and Fréchet distance (right) against k."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    entries = sorted((int(k), entry) for k, entry in evaluation["switch_steps"].items())
+    ks = [k for k, _ in entries]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    adherence, distance = figure.subplots(1, 2)
+    for name in ATTRIBUTES:
+        values = [entry["adherence"][name] for _, entry in entries]
+        if None not in values:
+            adherence.plot(ks, values, marker="o", linewidth=3 if name == "overall" else 1, label=name)
+    adherence.set(xlabel="switch step k (cloud steps)", ylabel="adherence", ylim=(-0.05, 1.05))
+    adherence.set_title(f"Adherence on {evaluation['prompts']} held-out captions")
+    adherence.legend()
+    distance.plot(ks, [entry["frechet_distance"] for _, entry in entries], marker="o")
+    floor = evaluation["frechet_distance_real_vs_real"]
+    distance.axhline(floor, linestyle="--", color="grey", label=f"real vs real ({floor:.1f})")
+    distance.set(xlabel="switch step k (cloud steps)", ylabel="Fréchet distance", title="FD to real renders")
+    distance.set_ylim(bottom=0)
+    distance.legend()
+    figure.savefig(path, dpi=100)
 
 
 def gap_recovered(evaluation: dict, k: int, metric: str = "adherence") -> float | None:
