@@ -35,12 +35,17 @@ def add_compress_command(commands: argparse._SubParsersAction) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    prune = action("prune", "BK-SDM block removal and significance-scored channel/head pruning", run_prune)
+    prune = action("prune", "BK-SDM block removal, then channel/head or (--widths) width pruning", run_prune)
     _add_source(prune)
     prune.add_argument("--budget", type=float, required=True, help="fraction of the source's params or MACs to keep")
     prune.add_argument("--metric", choices=("params", "macs"), default="params")
     prune.add_argument("--layers-per-block", type=int, help="BK-SDM: resnet+attention pairs kept per block")
     prune.add_argument("--remove-mid-block", action="store_true", help="BK-SDM: drop the mid block")
+    prune.add_argument(
+        "--widths",
+        action="store_true",
+        help="prune every layer's width (torch-pruning), the residual stream too: budgets below the channel/head floor",
+    )
     _add_sampling(prune, "prompts whose sampling steps significance is measured on", rows=8)
 
     distill = action("distill", "fine-tune a bundle's (pruned) UNet from a teacher", run_distill)
@@ -175,7 +180,7 @@ def spread_rows(trajectories, count: int) -> list[int]:
 
 def run_prune(args: argparse.Namespace) -> None:
     from compression.card import size_card
-    from compression.prune import count_macs, count_params, prune_channels, remove_blocks
+    from compression.prune import count_macs, count_params, prune_channels, prune_widths, remove_blocks
     from hybrid_sd.pruned.storage import save_pruned
 
     if not 0 < args.budget <= 1:
@@ -192,17 +197,23 @@ def run_prune(args: argparse.Namespace) -> None:
     student = unet
     if args.layers_per_block is not None or args.remove_mid_block:
         student = remove_blocks(unet, args.layers_per_block, args.remove_mid_block)
-    report = None
+    removed_units = width_ratio = 0
     channel_budget = args.budget * source_cost / measure(student)
-    if channel_budget < 1:
+    if channel_budget < 1 and args.widths:
+        student, width_report = prune_widths(student, channel_budget, calibration, args.metric)
+        width_ratio = round(width_report.ratio, 4)
+    elif channel_budget < 1:
         student, report = prune_channels(student, channel_budget, calibration, args.metric)
+        removed_units = len(report.removed)
     bundle = context.start(
         "prune",
         budget=args.budget,
         metric=args.metric,
         layers_per_block=args.layers_per_block,
         remove_mid_block=args.remove_mid_block,
-        removed_units=len(report.removed) if report else 0,
+        widths=args.widths,
+        removed_units=removed_units,
+        width_ratio=width_ratio,
     )
     save_pruned(student, bundle.unet)
     card = size_card(bundle, student, {"source_" + args.metric: source_cost, args.metric: measure(student)})

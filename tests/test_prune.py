@@ -1,11 +1,15 @@
-"""Pruning on tiny UNets: BK-SDM block removal, significance, channel and head pruning to a
-budget, and save/load through the project's loader."""
+"""Pruning on tiny UNets: BK-SDM block removal, significance, channel and head pruning and width
+pruning to a budget, and save/load through the project's loader."""
 
 from __future__ import annotations
+
+import copy
+import json
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from compression.prune import (
     PRUNING_FILE,
@@ -14,14 +18,24 @@ from compression.prune import (
     load_pruned_unet,
     measure_significance,
     prune_channels,
+    prune_widths,
     remove_blocks,
     save_pruned,
 )
 from compression.prune.cost import module_macs, unit_costs
 from compression.prune.units import masked
-from hybrid_sd.pairs import load_unet
+from hybrid_sd.bundle import bundle_spec, read_bundle
+from hybrid_sd.cli import main
+from hybrid_sd.lowbit import QuantConfig, quantize_model
+from hybrid_sd.lowbit.storage import save_quantized_unet
+from hybrid_sd.pairs import load_pair, load_unet, preset
+from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.request import GenerationRequest
 
 BUDGET = 0.6
+# Below what channel and head pruning reach on the tiny UNet; its few channels per group make the
+# width pruner's steps coarse, so it may land this far under.
+WIDTH_BUDGET, WIDTH_SLACK = 0.3, 0.7
 
 
 def tiny_unet(family: str, seed: int = 0) -> UNet2DConditionModel:
@@ -179,6 +193,12 @@ def test_pruned_unet_saves_and_loads_through_the_project_loader(unet, calibratio
         assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), expected)
     half = load_pruned_unet(in_pipeline, torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
+    assert json.loads((bare / PRUNING_FILE).read_text())["version"] == 1  # units alone need no more
+    quantized = copy.deepcopy(pruned)
+    config = QuantConfig(8, 8)
+    save_quantized_unet(quantized, config, quantize_model(quantized, config), tmp_path / "w8a8")
+    assert json.loads((tmp_path / "w8a8" / PRUNING_FILE).read_text())["version"] == 1
+    assert torch.equal(calibration.run(load_unet(str(tmp_path / "w8a8"), torch.float32)), calibration.run(quantized))
 
 
 def test_sdxl_student_blocks_removed_then_heads_pruned(tmp_path):
@@ -190,3 +210,104 @@ def test_sdxl_student_blocks_removed_then_heads_pruned(tmp_path):
     assert all(":head" in name for name in report.removed)  # one norm group: heads only
     path = save_pruned(pruned, tmp_path / "edge-unet")
     assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), calibration.run(pruned))
+
+
+@pytest.fixture(scope="module")
+def width_pruned(unet, calibration):
+    return prune_widths(unet, WIDTH_BUDGET, calibration)
+
+
+def test_width_pruning_reaches_a_budget_the_unit_pruner_cannot(unet, calibration, significance, width_pruned):
+    with pytest.raises(ValueError, match="out of reach"):
+        prune_channels(unet, WIDTH_BUDGET, calibration, metric="macs", significance=significance)
+    pruned, report = width_pruned
+    assert WIDTH_SLACK * WIDTH_BUDGET * report.macs_before < report.macs_after <= WIDTH_BUDGET * report.macs_before
+    assert report.params_after < report.params_before and 0 < report.ratio < 1
+    output = calibration.run(pruned)
+    assert output.shape == calibration.run(unet).shape and torch.isfinite(output).all()
+    # The image side keeps its channels; the residual stream does not.
+    assert pruned.conv_in.in_channels == pruned.conv_out.out_channels == unet.config.in_channels
+    assert pruned.conv_in.out_channels < unet.conv_in.out_channels
+
+
+def test_width_pruned_attentions_keep_heads_and_their_trained_softmax_scale(unet, width_pruned, calibration):
+    pruned, _ = width_pruned
+    pairs = [(module, dict(unet.named_modules())[name]) for name, module in pruned.named_modules()]
+    attentions = [(new, old) for new, old in pairs if isinstance(new, Attention)]
+    assert any(new.to_q.out_features < old.to_q.out_features for new, old in attentions)
+    for new, old in attentions:
+        assert new.heads == old.heads and new.to_q.out_features % new.heads == 0
+        assert new.scale == (new.to_q.out_features // new.heads) ** -0.5
+    # The default processor scales by the head dim and the classic one by attn.scale: both agree.
+    classic = copy.deepcopy(pruned)
+    classic.set_attn_processor(AttnProcessor())
+    torch.testing.assert_close(calibration.run(classic), calibration.run(pruned), rtol=1e-4, atol=1e-5)
+
+
+def test_width_pruning_to_a_parameter_budget(unet, calibration):
+    pruned, report = prune_widths(unet, 0.5, calibration, metric="params")
+    assert WIDTH_SLACK * 0.5 * report.params_before < report.params_after <= 0.5 * report.params_before
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+
+
+def test_full_width_budget_is_the_identity(unet, calibration):
+    pruned, report = prune_widths(unet, 1.0, calibration)
+    assert report.ratio == 0 and report.macs_after == report.macs_before
+    assert torch.equal(calibration.run(pruned), calibration.run(unet))
+
+
+@pytest.mark.parametrize(
+    ("budget", "metric", "named"), [(0, "macs", "budget"), (1.5, "macs", "budget"), (0.5, "latency", "metric")]
+)
+def test_bad_width_arguments_are_refused_naming_them(unet, calibration, budget, metric, named):
+    with pytest.raises(ValueError, match=named):
+        prune_widths(unet, budget, calibration, metric=metric)
+
+
+def test_unreachable_width_budget_is_refused_naming_it(unet, calibration):
+    with pytest.raises(ValueError, match="budget 0.001 is out of reach"):
+        prune_widths(unet, 0.001, calibration)
+
+
+def test_width_pruned_unet_saves_loads_and_quantizes(width_pruned, calibration, tmp_path):
+    pruned, _ = width_pruned
+    path = save_pruned(pruned, tmp_path / "edge-unet")
+    assert json.loads((path / PRUNING_FILE).read_text())["version"] == 2
+    assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), calibration.run(pruned))
+    quantized = copy.deepcopy(pruned)
+    config = QuantConfig(8, 8)
+    save_quantized_unet(quantized, config, quantize_model(quantized, config), tmp_path / "w8a8")
+    assert json.loads((tmp_path / "w8a8" / PRUNING_FILE).read_text())["version"] == 2
+    assert torch.equal(calibration.run(load_unet(str(tmp_path / "w8a8"), torch.float32)), calibration.run(quantized))
+
+
+def test_sdxl_unet_width_pruned_saves_and_loads(tmp_path):
+    teacher = tiny_unet("sdxl")
+    calibration = Calibration.random(teacher, batch_size=2)
+    pruned, report = prune_widths(teacher, 0.5, calibration, metric="params")
+    assert report.params_after <= 0.5 * report.params_before
+    path = save_pruned(pruned, tmp_path / "edge-unet")
+    assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), calibration.run(pruned))
+
+
+def test_prune_widths_on_the_command_line_makes_a_bundle_the_engine_runs(tmp_path):
+    out = tmp_path / "bundle"
+    command = ["compress", "prune", "--pair", "tiny-sd1", "--source", "cloud", "--metric", "macs", "--budget", "0.2"]
+    command += [
+        "--widths",
+        "--calibration-rows",
+        "2",
+        "--prompts",
+        "shapes:1",
+        "--sampling-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(command) == 0
+    bundle = read_bundle(out)
+    assert bundle.history[-1]["widths"] is True and 0 < bundle.history[-1]["width_ratio"] < 1
+    assert bundle.card["macs"] <= 0.2 * bundle.card["source_macs"]
+    pair = load_pair(bundle_spec(preset("tiny-sd1"), out))
+    result = HybridPipeline(pair)(GenerationRequest("a red circle", switch_step=1, num_inference_steps=2, seed=1))
+    assert result.image is not None

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.model import QuantReport, quantize_model
 from hybrid_sd.pruned.empty import assign_weights, empty_unet
-from hybrid_sd.pruned.storage import PRUNING_FILE, apply_shapes, pruned_shapes
+from hybrid_sd.pruned.storage import PRUNING_FILE, apply_shapes, write_shapes
 
 QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -38,9 +38,7 @@ def save_quantized_unet(unet: UNet2DConditionModel, config: QuantConfig, report:
         "kept": report.kept,
     }
     (path / QUANTIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    shapes = pruned_shapes(unet)
-    if shapes["resnets"] or shapes["attentions"]:
-        (path / PRUNING_FILE).write_text(json.dumps(shapes, indent=2) + "\n")
+    write_shapes(unet, path)
 
 
 def load_quantized_unet(path: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
