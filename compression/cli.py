@@ -117,17 +117,17 @@ class _Context:
         self.pair = load_pair(self.spec, args.device or "cpu", getattr(torch, args.dtype))
 
     def source_unet(self):
-        """A float32 copy of the UNet the action starts from."""
-        import copy
-
+        """A float32 copy of the UNet the action starts from; a low-bit one (the shipped pair's edge) is
+        dequantized."""
         import torch
 
+        from hybrid_sd.lowbit import dequantize_model
         from hybrid_sd.pairs import load_unet
 
         if getattr(self.args, "unet", None):
-            return load_unet(self.args.unet, torch.float32)
+            return dequantize_model(load_unet(self.args.unet, torch.float32))
         denoiser = self.pair.cloud if getattr(self.args, "source", "edge") == "cloud" else self.pair.edge
-        return copy.deepcopy(denoiser.pipe.unet).float()
+        return dequantize_model(denoiser.pipe.unet).float()
 
     def trajectories(self, unet, prompts: list[str]):
         """The generations of ``unet`` in the cloud pipeline (text encoders, scheduler: a bundle's UNet runs on

@@ -21,11 +21,13 @@ import pytest
 import torch
 
 from hybrid_sd.cli import build_parser, main
+from hybrid_sd.pairs import preset
 from hybrid_sd.presets import EMBEDDED_PRESETS, PRESETS
 from tests.serving import free_port
 
 HYBRID_SD = Path(sys.executable).with_name("hybrid-sd")  # the console script of this environment
 SHAPES = EMBEDDED_PRESETS["shapes"]
+SHAPES_EDGE_UNET = Path(preset("shapes").edge)  # whichever layout the shipped pair has
 SD15 = PRESETS["sd15-bk-sdm-tiny"].cloud
 
 
@@ -191,7 +193,7 @@ def test_device_that_is_not_there(tmp_path):
 def fake_bundle(folder: Path, vae_latent_space: str | None = None) -> Path:
     """A bundle folder: bundle.json, the shapes pair's edge UNet, a decoder config if ``vae_latent_space``."""
     record = {"format": "hybrid-sd-edge-bundle", "version": 1, "vae_latent_space": vae_latent_space}
-    shutil.copytree(SHAPES / "edge-unet", folder / "unet")
+    shutil.copytree(SHAPES_EDGE_UNET, folder / "unet")
     if vae_latent_space is not None:
         (folder / "vae").mkdir()
         (folder / "vae" / "config.json").write_text("{}")
@@ -222,7 +224,7 @@ def test_corrupt_safetensors_in_a_bundle(tmp_path):
 
 def test_corrupt_model_config(tmp_path):
     edge = tmp_path / "edge-unet"
-    shutil.copytree(SHAPES / "edge-unet", edge)
+    shutil.copytree(SHAPES_EDGE_UNET, edge)
     (edge / "config.json").write_text("{")
     args = generate("--cloud-model", str(SHAPES / "cloud"), "--edge-model", str(edge), "--out", str(tmp_path / "x.png"))
     assert f"cannot load the model at {edge}: " in error_line(*args)

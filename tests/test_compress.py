@@ -4,7 +4,6 @@ UNet swapped in at k; W8A8 on the oneDNN kernels matches float within its bound 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
@@ -20,7 +19,7 @@ from compression.prune.calibration import Calibration
 from compression.quantize import calibrate
 from hybrid_sd.bundle import bundle_spec, read_bundle
 from hybrid_sd.cli import main
-from hybrid_sd.lowbit import QuantConfig, quantize_model
+from hybrid_sd.lowbit import QuantConfig, dequantize_model, quantize_model
 from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
 from hybrid_sd.lowbit.storage import save_quantized_unet
 from hybrid_sd.pairs import load_pair, load_unet, preset
@@ -106,13 +105,13 @@ def test_each_action_writes_a_bundle_that_records_its_history(bundles, pairs):
         assert bundle.card["unet_bytes"] == sum(path.stat().st_size for path in bundle.unet.rglob("*.safetensors"))
         macs[name] = bundle.card["macs_per_unet_step"]
     # Quantization keeps the multiply-accumulates; pruning cuts them, and the later actions keep its architecture.
-    assert macs["w8a8"] == unet_cost(pairs["shapes"].edge.pipe.unet)["macs_per_unet_step"]
+    assert macs["w8a8"] == unet_cost(dequantize_model(pairs["shapes"].edge.pipe.unet))["macs_per_unet_step"]
     assert 0 < macs["pruned"] < macs["w8a8"]
     assert {macs[name] for name in ("distilled", "onednn", "tiny", "export")} == {macs["pruned"]}
 
 
 def test_the_cards_report_what_each_action_did(bundles, pairs):
-    source_params = sum(p.numel() for p in pairs["shapes"].edge.pipe.unet.parameters())
+    source_params = sum(p.numel() for p in dequantize_model(pairs["shapes"].edge.pipe.unet).parameters())
     pruned = read_bundle(bundles["pruned"]).card
     assert pruned["params"] <= 0.7 * source_params and pruned["unet_params"] == pruned["params"]
     distilled = read_bundle(bundles["distilled"]).card["distillation"]
@@ -212,7 +211,7 @@ def test_a_pair_folder_with_an_edge_bundle_is_served_measured_and_described(bund
 
 
 def test_a_calibrated_unet_saved_and_loaded_gives_equal_outputs(pairs, tmp_path):
-    unet = copy.deepcopy(pairs["shapes"].edge.pipe.unet)
+    unet = dequantize_model(pairs["shapes"].edge.pipe.unet)
     calls = [Calibration.random(unet, batch_size=2, seed=seed) for seed in range(3)]
     report, choices = calibrate(unet, calls, QuantConfig(8, 8, kernel="onednn"), max_error=0.5, min_speedup=0.0)
     assert report.quantized == [choice.name for choice in choices] and not report.kept
@@ -224,7 +223,7 @@ def test_a_calibrated_unet_saved_and_loaded_gives_equal_outputs(pairs, tmp_path)
 
 
 def test_calibration_keeps_layers_that_would_be_harmed(pairs):
-    unet = copy.deepcopy(pairs["shapes"].edge.pipe.unet)
+    unet = dequantize_model(pairs["shapes"].edge.pipe.unet)
     calls = [Calibration.random(unet, batch_size=2, seed=0)]
     report, choices = calibrate(unet, calls, QuantConfig(8, 8, kernel="onednn"), max_error=1e-6, min_speedup=0.0)
     assert not report.quantized and len(report.kept) == len(choices)

@@ -3,7 +3,6 @@ student fine-tuned on them with BK-SDM's output and feature losses, and a tiny V
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -25,6 +24,7 @@ from compression.distill import (
 )
 from compression.prune import Calibration, measure_significance, prune_channels, remove_blocks
 from hybrid_sd.denoiser import Denoiser
+from hybrid_sd.lowbit import dequantize_model
 from hybrid_sd.pairs import ModelPair, load_pair, load_pipeline, preset
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "two yellow circles"]
@@ -82,7 +82,7 @@ def test_trajectories_record_every_unet_call(shapes, edge_data):
 
 
 def test_distillation_brings_a_pruned_student_to_its_teacher(shapes, edge_data, held_out):
-    teacher = shapes.edge.pipe.unet
+    teacher = dequantize_model(shapes.edge.pipe.unet)  # the shipped edge's UNet in float, to prune and train
     teacher_state = {key: value.clone() for key, value in teacher.state_dict().items()}
     probe = edge_data.batch([0, len(edge_data) - 1])
     student, _ = prune_channels(teacher, 0.6, probe, significance=measure_significance(teacher, probe))
@@ -130,7 +130,7 @@ def test_sdxl_trajectories_carry_added_conditions_and_train_a_block_removed_stud
 
 def test_feature_distillation_needs_a_block_of_the_teachers_shape(shapes, edge_data):
     """The shapes pair's two UNets have different widths: no block output matches."""
-    teacher, student = shapes.cloud.pipe.unet, copy.deepcopy(shapes.edge.pipe.unet)
+    teacher, student = shapes.cloud.pipe.unet, dequantize_model(shapes.edge.pipe.unet)
     assert matching_blocks(teacher, student, edge_data.batch([0])) == []
     with pytest.raises(ValueError, match="feature_weight"):
         distill_unet(teacher, student, edge_data, DistillConfig(steps=1, batch_size=2))

@@ -29,6 +29,14 @@ class LowBitLayer(nn.Module):
         """The constructor's positional arguments (before ``config``) that give ``layer``'s shapes."""
         raise NotImplementedError
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(out, row)`` float weight the codes stand for."""
+        raise NotImplementedError
+
+    def to_float(self) -> nn.Module:
+        """The float layer of the same geometry whose weight is the dequantized one (float32)."""
+        raise NotImplementedError
+
     @classmethod
     def from_float(cls, layer: nn.Module, config: QuantConfig, weights: bool = True) -> Self:
         """The quantized form of ``layer``; ``weights=False`` gives the shapes only, for a state dict to fill."""
@@ -50,6 +58,10 @@ class LowBitLinear(LowBitLayer):
     @classmethod
     def float_arguments(cls, layer: nn.Linear) -> tuple:
         return layer.in_features, layer.out_features, layer.bias is not None
+
+    def to_float(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        return _with_weights(layer, self)
 
 
 class LowBitConv2d(LowBitLayer):
@@ -83,6 +95,20 @@ class LowBitConv2d(LowBitLayer):
         self.padding_mode = padding_mode
         self._pad = self._explicit_padding()
 
+    def to_float(self) -> nn.Conv2d:
+        layer = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+        )
+        return _with_weights(layer, self)
+
     def _explicit_padding(self) -> tuple[int, int, int, int]:
         """(left, right, top, bottom) amounts for ``F.pad``, as ``nn.Conv2d`` pads."""
         if self.padding == "valid":
@@ -111,3 +137,12 @@ class LowBitConv2d(LowBitLayer):
             layer.bias is not None,
             layer.padding_mode,
         )
+
+
+def _with_weights(layer: nn.Linear | nn.Conv2d, quantized: LowBitLayer) -> nn.Module:
+    """``layer`` holding ``quantized``'s dequantized weight and its bias, in float32."""
+    with torch.no_grad():
+        layer.weight.copy_(quantized.dequantized_weight().view_as(layer.weight))
+        if quantized.bias is not None:
+            layer.bias.copy_(quantized.bias.float())
+    return layer

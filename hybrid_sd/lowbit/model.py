@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from hybrid_sd.lowbit.base import LowBitLayer
 from hybrid_sd.lowbit.config import QuantConfig
 from hybrid_sd.lowbit.layers import QuantConv2d, QuantLinear
 from hybrid_sd.lowbit.onednn import OneDnnConv2d, OneDnnLinear
@@ -64,3 +66,14 @@ def quantize_model(
         report.packed_bytes += quantized.weight_nbytes
     logger.info("%s: quantized %d layers, kept %d in float", config.mode, len(report.quantized), len(report.kept))
     return report
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """A float copy of ``model``: every low-bit layer replaced by the float layer of its dequantized weights
+    (to train or prune a quantized model further; its outputs are those of the weights' quantization alone)."""
+    copied = copy.deepcopy(model)
+    for name, layer in list(copied.named_modules()):
+        if isinstance(layer, LowBitLayer):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(copied.get_submodule(parent_name), child_name, layer.to_float())
+    return copied

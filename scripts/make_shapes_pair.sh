@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Make the shipped shapes pair from nothing, the Hybrid-SD way: train the cloud model (hybrid-sd train-shapes),
+# make the edge from its large UNet with hybrid-sd compress (prune to a fifth of its MACs per step, distil from
+# it, W8A8 with the per-layer kernel choice, a tiny decoder distilled from its VAE), then measure the pair and
+# write its card.
+#
+#   bash scripts/make_shapes_pair.sh OUT     # about two hours on a 2-core CPU; rerun it to continue
+#
+# Writes OUT/trained (train-shapes' cloud model, checkpointed in OUT/checkpoints), OUT/edge-* (one bundle per action)
+# and OUT/pair, the shipped layout (cloud/, edge/, training.json, evaluation.json, README.md): copy it over
+# hybrid_sd/shapes/pair to ship it. Finished steps are kept. TRAIN_ARGS adds train-shapes options (e.g.
+# "--device cuda"); DISTILL_STEPS, TINY_VAE_STEPS, PROMPTS and EVAL_PROMPTS shorten the chain for a quick trial.
+set -euo pipefail
+out=${1:?usage: bash scripts/make_shapes_pair.sh OUT}
+hybrid_sd="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/hybrid-sd"
+distill_steps=${DISTILL_STEPS:-2500}
+tiny_vae_steps=${TINY_VAE_STEPS:-2000}
+prompts=${PROMPTS:-512}  # training captions whose large-model generations the distillations learn from
+eval_prompts=${EVAL_PROMPTS:-64}  # held-out captions the card's evaluation scores
+
+if [ ! -f "$out/trained/training.json" ]; then
+  resume=()
+  [ -f "$out/checkpoints/run.json" ] && resume=(--resume)
+  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
+  "$hybrid_sd" train-shapes --cloud-only --out "$out/trained" --checkpoints "$out/checkpoints" "${resume[@]}" \
+    ${TRAIN_ARGS:-}
+fi
+
+cloud="$out/trained/cloud"
+compress() {  # BUNDLE ACTION [OPTIONS...]: one action on the cloud model, skipped once its bundle exists
+  local bundle=$1
+  shift
+  [ -f "$out/$bundle/bundle.json" ] ||
+    "$hybrid_sd" compress "$@" --cloud-model "$cloud" --edge-model "$cloud" --out "$out/$bundle"
+}
+compress edge-pruned prune --source cloud --metric macs --budget 0.2 --widths \
+  --prompts shapes-train:4 --calibration-rows 4
+# Width pruning changes every block's output width, so no block feature matches the teacher's: output alone.
+compress edge-distilled distill --edge-bundle "$out/edge-pruned" --teacher cloud --feature-weight 0 \
+  --prompts "shapes-train:$prompts" --train-steps "$distill_steps"
+compress edge-quantized quantize --edge-bundle "$out/edge-distilled" --kernel onednn --prompts shapes-train:16
+# 16 channels: wider TAESD blocks would cost as much as this small VAE's own decoder.
+compress edge tiny-vae --edge-bundle "$out/edge-quantized" --width 16 --batch-size 16 \
+  --prompts "shapes-train:$((prompts / 2))" --train-steps "$tiny_vae_steps"
+
+rm -rf "$out/pair"
+mkdir -p "$out/pair"
+cp -r "$out/trained/cloud" "$out/trained/training.json" "$out/pair/"
+cp -r "$out/edge" "$out/pair/edge"
+"$hybrid_sd" evaluate-shapes --pair "$out/pair" --sweep-out "$out/pair-eval" --eval-prompts "$eval_prompts"
