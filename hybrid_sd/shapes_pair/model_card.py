@@ -8,6 +8,7 @@ from pathlib import Path
 from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, gap_recovered
 
 TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
+MAKE_COMMAND = "bash scripts/make_shapes_pair.sh out/shapes-pair"  # the edge made by hybrid-sd compress
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -186,21 +187,21 @@ def write_model_card(pair_dir: Path) -> Path:
         "## Reproduce",
         "",
         "```bash",
-        TRAIN_COMMAND,
+        TRAIN_COMMAND if bundle is None else MAKE_COMMAND,
         "```",
         "",
-        "trains every model with the settings above, runs the evaluation sweep and rewrites this card"
-        " (`--checkpoints DIR` checkpoints each stage every five minutes and `--resume` continues a stopped run;"
-        " `--device cuda` trains on a GPU); `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a"
-        " trained pair."
-        + (
-            ""
+        (
+            "trains every model with the settings above, runs the evaluation sweep and rewrites this card"
+            " (`--checkpoints DIR` checkpoints each stage every five minutes and `--resume` continues a stopped"
+            " run; `--device cuda` trains on a GPU)"
             if bundle is None
-            else " The edge here was made afterwards from the cloud model by the `hybrid-sd compress` actions listed"
-            " under Compression (`train-shapes --cloud-only` trains the cloud model alone)."
+            else "trains the cloud model with the settings above (`hybrid-sd train-shapes --cloud-only`,"
+            " checkpointed: rerun the script to continue), makes the edge by the `hybrid-sd compress` actions"
+            " under Compression, measures the pair and writes it with this card to `out/shapes-pair/pair`"
         )
-        + " Training is seeded, but CPU kernels differ between machines and thread counts, so a retrained pair"
-        " matches these numbers within a tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
+        + "; `hybrid-sd evaluate-shapes --pair DIR --sweep-out DIR` re-measures a pair. Training is seeded, but"
+        " CPU kernels differ between machines and thread counts, so a remade pair matches these numbers within a"
+        " tolerance (see `tests/test_shapes_pair.py`), not bit for bit.",
         "",
     ]
     path = pair_dir / "README.md"
