@@ -21,6 +21,7 @@ from pathlib import Path
 from hybrid_sd.cli.arguments import add_model_arguments, local_pair_spec, named_pair, read_prompts
 
 logger = logging.getLogger(__name__)
+CALIBRATION_FILE = "calibration.json"  # a calibrated quantize's per-layer choices, beside the bundle's UNet
 
 
 def add_compress_command(commands: argparse._SubParsersAction) -> None:
@@ -163,6 +164,14 @@ def check_float_source(args: argparse.Namespace, verb: str) -> None:
         raise ValueError(f"--edge-bundle holds a quantized UNet: {verb} the float model, then quantize it")
 
 
+def copy_unet(source, bundle) -> None:
+    """Carry ``source``'s UNet, with the calibration record that describes its layers, into ``bundle``."""
+    shutil.copytree(source.unet, bundle.unet)
+    calibration = source.path / CALIBRATION_FILE
+    if calibration.is_file():
+        shutil.copy(calibration, bundle.path / CALIBRATION_FILE)
+
+
 def calls_by_step(trajectories) -> list:
     """The recorded UNet inputs as one :class:`Calibration` per sampling step (all prompts together)."""
     import torch
@@ -284,7 +293,7 @@ def run_quantize(args: argparse.Namespace) -> None:
         report = quantize_model(unet, config)
     save_quantized_unet(unet, config, report, bundle.unet)
     if choices is not None:
-        (bundle.path / "calibration.json").write_text(json.dumps(choices_to_dict(choices), indent=2) + "\n")
+        (bundle.path / CALIBRATION_FILE).write_text(json.dumps(choices_to_dict(choices), indent=2) + "\n")
     card = {
         **cost,
         **carried_card(bundle),
@@ -315,7 +324,7 @@ def run_tiny_vae(args: argparse.Namespace) -> None:
     bundle = context.start("tiny-vae", **asdict(config), width=args.width, latents=len(latents))
     bundle.vae_latent_space = cloud.latent_space
     if context.source_bundle is not None:
-        shutil.copytree(context.source_bundle.unet, bundle.unet)
+        copy_unet(context.source_bundle, bundle)
         card = context.source_bundle.card
     else:
         unet = context.source_unet()
@@ -347,6 +356,6 @@ def run_export(args: argparse.Namespace) -> None:
     compressed = HybridPipeline(context.pair)
     quality = measure_quality(reference, compressed, prompts, switch_steps, args.sampling_steps, heldout, args.seed)
     bundle = context.start("export", prompts=len(prompts), switch_steps=switch_steps)
-    shutil.copytree(context.source_bundle.unet, bundle.unet)
+    copy_unet(context.source_bundle, bundle)
     card = {**context.source_bundle.card, **carried_card(bundle), "quality": quality}
     context.finish(bundle, card)

@@ -128,6 +128,7 @@ def test_the_cards_report_what_each_action_did(bundles, pairs):
     assert all(choice["low"] <= choice["high"] for choice in choices)  # every layer ran in calibration
     tiny = read_bundle(bundles["tiny"])
     assert tiny.vae is not None and tiny.vae_latent_space == pairs["shapes"].cloud.latent_space
+    assert (tiny.path / "calibration.json").read_text() == (onednn.path / "calibration.json").read_text()
     quality = read_bundle(bundles["export"]).card["quality"]["by_switch_step"]
     assert set(quality) == {"0", "2"}
     for row in quality.values():

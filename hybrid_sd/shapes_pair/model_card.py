@@ -109,7 +109,7 @@ def _compression_lines(bundle: dict) -> list[str]:
     if "quantized_layers" in bundle:
         lines[-1] += (
             f" {bundle['quantized_layers']} of its layers run {bundle['mode']} on the {bundle['kernel']} kernels;"
-            f" {len(bundle['kept_in_float'])} stay in float (`edge/calibration.json`, where written, says why)."
+            f" {len(bundle['kept_in_float'])} stay in float (`edge/calibration.json` says why, layer by layer)."
         )
     return lines
 
