@@ -86,7 +86,7 @@ def test_distillation_brings_a_pruned_student_to_its_teacher(shapes, edge_data, 
     teacher_state = {key: value.clone() for key, value in teacher.state_dict().items()}
     probe = edge_data.batch([0, len(edge_data) - 1])
     student, _ = prune_channels(teacher, 0.6, probe, significance=measure_significance(teacher, probe))
-    config = DistillConfig(steps=30, batch_size=8, lr=1e-4, warmup_steps=3)
+    config = DistillConfig(steps=60, batch_size=8, lr=1e-4, warmup_steps=3)
     blocks = matching_blocks(teacher, student, held_out)
     assert blocks == feature_blocks(teacher)  # channel pruning keeps every block's output shape
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_distillation_brings_a_pruned_student_to_its_teacher(shapes, edge_data, 
     assert after["loss"] < 0.7 * before["loss"]
     assert after["output"] < 0.85 * before["output"] and after["feature"] < 0.7 * before["feature"]
     assert relative_distance(student, teacher, held_out) < 0.93 * distance_before
-    assert stats["steps"] == 30 and stats["blocks"] == blocks
+    assert stats["steps"] == 60 and stats["blocks"] == blocks
     assert stats["final_loss"] < 0.7 * stats["first_loss"]
     assert stats["final_loss"] == pytest.approx(stats["final_output_loss"] + stats["final_feature_loss"])
     assert not student.training and next(student.parameters()).dtype == torch.float32
@@ -192,9 +192,11 @@ def small_tiny(seed: int = 0) -> AutoencoderTiny:
 
 
 @pytest.mark.parametrize("encoder", [False, True])
-def test_tiny_vae_learns_the_vae_through_the_engines_decode(shapes, edge_data, encoder):
+def test_tiny_vae_learns_the_vae_through_the_engines_decode(shapes, encoder):
     cloud = shapes.cloud
-    latents = edge_data.final_latents
+    # The cloud's own generations: latents the VAE decodes and encodes back (the compressed edge's, five steps
+    # from noise, are not yet images the VAE's encoder returns to).
+    latents = collect_trajectories(cloud.pipe, PROMPTS, STEPS, GUIDANCE, seed=0).final_latents
     tiny = small_tiny()
     encoder_state = {key: value.clone() for key, value in tiny.encoder.state_dict().items()}
     edge = Denoiser(type(cloud.pipe).from_pipe(cloud.pipe), "distilled tiny VAE")
@@ -210,7 +212,7 @@ def test_tiny_vae_learns_the_vae_through_the_engines_decode(shapes, edge_data, e
             ).square().mean().item()
 
     decoder_before, encoder_before = errors()
-    config = TinyVaeConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=3, encoder=encoder)
+    config = TinyVaeConfig(steps=60, batch_size=4, lr=3e-3, warmup_steps=3, encoder=encoder)
     trained, stats = distill_tiny_vae(cloud.pipe.vae, latents, config, tiny=tiny)
     decoder_after, encoder_after = errors()
 

@@ -133,7 +133,7 @@ def test_edge_model_alone_is_clearly_worse(measured):
 @pytest.mark.parametrize("metric", ["adherence", "fd"])
 def test_hybrid_at_40_percent_recovers_most_of_the_gap(measured, metric):
     edge, hybrid, large = (measured[k][metric] for k in (0, HYBRID_K, STEPS))
-    assert (hybrid - edge) >= HYBRID_GAP_RECOVERED_AT_LEAST * (large - edge), measured
+    assert (hybrid - edge) / (large - edge) >= HYBRID_GAP_RECOVERED_AT_LEAST, measured  # FD: both negative
 
 
 def test_the_readme_first_command_draws_its_objects(pairs):

@@ -71,9 +71,6 @@ def quantize_model(
 def dequantize_model(model: nn.Module) -> nn.Module:
     """A float copy of ``model``: every low-bit layer replaced by the float layer of its dequantized weights
     (to train or prune a quantized model further; its outputs are those of the weights' quantization alone)."""
-    copied = copy.deepcopy(model)
-    for name, layer in list(copied.named_modules()):
-        if isinstance(layer, LowBitLayer):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(copied.get_submodule(parent_name), child_name, layer.to_float())
-    return copied
+    # The float layers stand in for the low-bit ones in the copy's memo: oneDNN's packed weights cannot be copied.
+    memo = {id(layer): layer.to_float() for layer in model.modules() if isinstance(layer, LowBitLayer)}
+    return copy.deepcopy(model, memo)
