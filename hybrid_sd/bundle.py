@@ -74,6 +74,11 @@ def read_bundle(path: str | Path) -> Bundle:
     return bundle
 
 
+def pair_edge_bundle(pair_dir: Path) -> Bundle | None:
+    """The edge bundle a trained pair's folder holds as ``edge/``, or None (train-shapes' own layout)."""
+    return read_bundle(pair_dir / "edge") if (pair_dir / "edge" / BUNDLE_FILE).is_file() else None
+
+
 def check_out(out: str | Path, source: Bundle | None = None) -> Path:
     """``out`` if a bundle may be written there: a new or empty folder, or a bundle other than ``source``."""
     out = Path(out)

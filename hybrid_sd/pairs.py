@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoModel, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import try_to_load_from_cache
 
-from hybrid_sd.bundle import BUNDLE_FILE, read_bundle
+from hybrid_sd.bundle import pair_edge_bundle
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.devices import check_device
 from hybrid_sd.errors import IncompatibleModelsError
@@ -82,8 +82,8 @@ def embedded_spec(root: Path) -> PairSpec:
         raise ValueError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
     scaling_factor = json.loads(vae_config.read_text())["scaling_factor"]
     edge, edge_vae = root / "edge-unet", root / "edge-vae"
-    if (root / "edge" / BUNDLE_FILE).is_file():
-        bundle = read_bundle(root / "edge")
+    bundle = pair_edge_bundle(root)
+    if bundle is not None:
         edge, edge_vae = bundle.unet, bundle.vae or edge_vae
     return PairSpec(
         str(root / "cloud"),

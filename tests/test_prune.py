@@ -183,6 +183,15 @@ def test_bad_metric_is_refused_naming_it(unet, calibration):
         prune_channels(unet, 0.5, calibration, metric="latency")
 
 
+def assert_quantized_round_trip(pruned, calibration: Calibration, folder, version: int) -> None:
+    """A W8A8 copy of ``pruned`` saves with a version ``version`` pruning.json and loads to equal outputs."""
+    quantized = copy.deepcopy(pruned)
+    config = QuantConfig(8, 8)
+    save_quantized_unet(quantized, config, quantize_model(quantized, config), folder)
+    assert json.loads((folder / PRUNING_FILE).read_text())["version"] == version
+    assert torch.equal(calibration.run(load_unet(str(folder), torch.float32)), calibration.run(quantized))
+
+
 def test_pruned_unet_saves_and_loads_through_the_project_loader(unet, calibration, significance, tmp_path):
     pruned, _ = prune_channels(unet, BUDGET, calibration, significance=significance)
     expected = calibration.run(pruned)
@@ -194,11 +203,7 @@ def test_pruned_unet_saves_and_loads_through_the_project_loader(unet, calibratio
     half = load_pruned_unet(in_pipeline, torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
     assert json.loads((bare / PRUNING_FILE).read_text())["version"] == 1  # units alone need no more
-    quantized = copy.deepcopy(pruned)
-    config = QuantConfig(8, 8)
-    save_quantized_unet(quantized, config, quantize_model(quantized, config), tmp_path / "w8a8")
-    assert json.loads((tmp_path / "w8a8" / PRUNING_FILE).read_text())["version"] == 1
-    assert torch.equal(calibration.run(load_unet(str(tmp_path / "w8a8"), torch.float32)), calibration.run(quantized))
+    assert_quantized_round_trip(pruned, calibration, tmp_path / "w8a8", version=1)
 
 
 def test_sdxl_student_blocks_removed_then_heads_pruned(tmp_path):
@@ -274,11 +279,7 @@ def test_width_pruned_unet_saves_loads_and_quantizes(width_pruned, calibration, 
     path = save_pruned(pruned, tmp_path / "edge-unet")
     assert json.loads((path / PRUNING_FILE).read_text())["version"] == 2
     assert torch.equal(calibration.run(load_unet(str(path), torch.float32)), calibration.run(pruned))
-    quantized = copy.deepcopy(pruned)
-    config = QuantConfig(8, 8)
-    save_quantized_unet(quantized, config, quantize_model(quantized, config), tmp_path / "w8a8")
-    assert json.loads((tmp_path / "w8a8" / PRUNING_FILE).read_text())["version"] == 2
-    assert torch.equal(calibration.run(load_unet(str(tmp_path / "w8a8"), torch.float32)), calibration.run(quantized))
+    assert_quantized_round_trip(pruned, calibration, tmp_path / "w8a8", version=2)
 
 
 def test_sdxl_unet_width_pruned_saves_and_loads(tmp_path):

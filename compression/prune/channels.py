@@ -38,6 +38,14 @@ class PruneReport:
         return asdict(self)
 
 
+def check_budget(budget: float, metric: str) -> None:
+    """A ValueError naming ``budget`` or ``metric`` unless they are a fraction in (0, 1] and one of METRICS."""
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
 def prune_channels(
     unet: UNet2DConditionModel,
     budget: float,
@@ -49,10 +57,7 @@ def prune_channels(
     MACs: resnet channel groups and attention heads are removed in order of
     :func:`measure_significance` (one-shot, on the unpruned model; pass ``significance`` to reuse
     scores) until the budget is met, keeping at least one group or head per module."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_budget(budget, metric)
     student = copy.deepcopy(unet)
     units = find_units(student)
     if significance is None:

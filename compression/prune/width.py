@@ -20,7 +20,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from compression.prune.calibration import Calibration
-from compression.prune.channels import METRICS
+from compression.prune.channels import check_budget
 from compression.prune.cost import count_macs, count_params
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def prune_widths(
     conv_in keeps its input and conv_out its output channels; attentions keep their heads, each losing the
     same head dims, with the trained softmax scale folded into ``to_q``; GroupNorms keep their group count
     where the new width allows, else take the largest divisor of the new width below it."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_budget(budget, metric)
     measure = count_params if metric == "params" else (lambda model: count_macs(model, calibration))
     total = measure(unet)
     target = budget * total

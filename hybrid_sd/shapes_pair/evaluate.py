@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hybrid_sd.bundle import BUNDLE_FILE, Bundle, folder_bytes, read_bundle
+from hybrid_sd.bundle import Bundle, folder_bytes, pair_edge_bundle
 from hybrid_sd.flop_count import flop_counter
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
@@ -82,14 +82,9 @@ def flops_per_call(module: torch.nn.Module, *inputs) -> int:
     return counter.get_total_flops()
 
 
-def edge_bundle(pair_dir: Path) -> Bundle | None:
-    """The pair's edge bundle (``edge/``, made by ``hybrid-sd compress``), or None for train-shapes' layout."""
-    return read_bundle(pair_dir / "edge") if (pair_dir / "edge" / BUNDLE_FILE).is_file() else None
-
-
 def weight_folders(pair_dir: Path) -> tuple[str, ...]:
     """The pair's weight folders, relative to it."""
-    return ("cloud", "edge/unet", "edge/vae") if edge_bundle(pair_dir) else ("cloud", "edge-unet", "edge-vae")
+    return ("cloud", "edge/unet", "edge/vae") if pair_edge_bundle(pair_dir) else ("cloud", "edge-unet", "edge-vae")
 
 
 def model_costs(pipeline: HybridPipeline, bundle: Bundle | None = None) -> dict:
@@ -139,7 +134,7 @@ def evaluate(
     """Sweep the pair at ``pair_dir`` into ``sweep_dir``; return the evaluation and write it to
     ``pair_dir/evaluation.json``."""
     pipeline = HybridPipeline.from_pair(embedded_spec(pair_dir))
-    bundle = edge_bundle(pair_dir)
+    bundle = pair_edge_bundle(pair_dir)
     heldout = HeldoutSet(prompts)
     config = SweepConfig(
         switch_steps=list(switch_steps),
