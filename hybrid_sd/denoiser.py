@@ -18,7 +18,7 @@ from hybrid_sd.denoise import Guidance, StepCallback, StepRun, Steps, run_alone
 from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.latent_space import pipeline_latent_space
 from hybrid_sd.limits import RequestLimits
-from hybrid_sd.request import GenerationRequest
+from hybrid_sd.request import DEFAULT_GUIDANCE_SCALE, GenerationRequest
 from hybrid_sd.schedulers import make_scheduler, resolve_scheduler, scheduler_from_config, uses_generator
 from hybrid_sd.state import HybridState
 
@@ -30,12 +30,20 @@ class Denoiser:
 
     ``name`` is the model's path or hub ID, used in error messages. ``latent_space`` is the one the UNet
     was trained in, where the pipeline's own decoder cannot tell (an AutoencoderTiny in place of its VAE).
+    ``default_guidance_scale`` is what a request that names no guidance scale gets: its pair's.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, name: str, latent_space: str | None = None):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        name: str,
+        latent_space: str | None = None,
+        default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    ):
         self.pipe = pipe
         self.name = name
         self.latent_space = latent_space or pipeline_latent_space(pipe)
+        self.default_guidance_scale = default_guidance_scale
         # Looked up once: diffusers walks every module for offload hooks on each access.
         self.device: torch.device = pipe._execution_device
         # What one request may cost; servers set it, in-process use has no limits.
@@ -65,8 +73,8 @@ class Denoiser:
         return (encoder or self.pipe.unet).dtype
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size and
-        scheduler (this model's own class)."""
+        """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size, scheduler
+        (this model's own class) and guidance scale (its pair's)."""
         request.check()
         model_scheduler = type(self.pipe.scheduler).__name__
         resolve_scheduler(request.scheduler, model_scheduler)
@@ -75,6 +83,7 @@ class Denoiser:
             width=request.width or self.default_size,
             height=request.height or self.default_size,
             scheduler=request.scheduler or model_scheduler,
+            guidance_scale=self.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
         )
         self.check_size(request)
         if self.limits is not None:
@@ -119,7 +128,7 @@ class Denoiser:
     def begin(self, request: GenerationRequest) -> HybridState:
         """Encode the prompt, set the schedule and draw the initial noise: the state before step 0.
 
-        ``request`` must be resolved (seed, size and scheduler set).
+        ``request`` must be resolved (seed, size, scheduler and guidance scale set).
         """
         scheduler = make_scheduler(request.scheduler, self.pipe.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)

@@ -22,28 +22,31 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EdgeProfile:
-    """The receiving edge: its text encoders' fingerprint, the dtype it denoises in, and the size and
-    scheduler a request that names none gets (the edge model's own: it is the one model every path
-    runs, so in-process, served, edge-initiated and fallback requests resolve alike)."""
+    """The receiving edge: its text encoders' fingerprint, the dtype it denoises in, and the size,
+    scheduler and guidance scale a request that names none gets (the edge model's own and its pair's: it
+    is the one model every path runs, so in-process, served, edge-initiated and fallback requests resolve
+    alike)."""
 
     text_encoder_id: str
     dtype: torch.dtype
     default_width: int = 0
     default_height: int = 0
     default_scheduler: str = ""
+    default_guidance_scale: float | None = None  # None: the receiving model's own (an edge that names none)
 
     @classmethod
     def of(cls, denoiser: Denoiser) -> EdgeProfile:
         size, scheduler = denoiser.default_size, type(denoiser.pipe.scheduler).__name__
-        return cls(denoiser.text_encoder_id, denoiser.dtype, size, size, scheduler)
+        return cls(denoiser.text_encoder_id, denoiser.dtype, size, size, scheduler, denoiser.default_guidance_scale)
 
     def fill(self, request: GenerationRequest) -> GenerationRequest:
-        """``request`` with the size and scheduler it leaves unset taken from this edge."""
+        """``request`` with the size, scheduler and guidance scale it leaves unset taken from this edge."""
         return dataclasses.replace(
             request,
             width=request.width or self.default_width or None,
             height=request.height or self.default_height or None,
             scheduler=request.scheduler or self.default_scheduler or None,
+            guidance_scale=self.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
         )
 
 

@@ -30,6 +30,7 @@ from hybrid_sd.lowbit.storage import QUANTIZATION_FILE, load_quantized_unet
 from hybrid_sd.model_refs import check_models, loading, resolve
 from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.pruned.storage import PRUNING_FILE, load_pruned_unet
+from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
 from hybrid_sd.tiny_models import save_tiny_pair
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def embedded_spec(root: Path) -> PairSpec:
         latent_space_name(scaling_factor),
         edge_shares_text_encoder=True,
         description=f"trained pair at {root}",
+        guidance_scale=GUIDANCE_SCALE,
     )
 
 
@@ -106,7 +108,7 @@ def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 def load_cloud(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
     check_device(device)
-    return Denoiser(_place(load_pipeline(spec.cloud, dtype), device, dtype), spec.cloud)
+    return Denoiser(_place(load_pipeline(spec.cloud, dtype), device, dtype), spec.cloud, None, spec.guidance_scale)
 
 
 def load_edge(
@@ -134,7 +136,7 @@ def load_edge(
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
         edge_pipe.vae = load_vae(spec.edge_vae, dtype)
-    return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space)
+    return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space, spec.guidance_scale)
 
 
 def _place(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybrid_sd.request import DEFAULT_GUIDANCE_SCALE
+
 
 @dataclass(frozen=True)
 class PairSpec:
@@ -13,7 +15,8 @@ class PairSpec:
     ``edge`` is a whole pipeline or a UNet alone (then it runs on the cloud model's text encoders
     and VAE). ``edge_vae`` replaces the edge's VAE, typically by a tiny decoder; an
     AutoencoderTiny's config does not say which latent space it decodes, so the spec states it.
-    ``edge_shares_text_encoder`` loads the edge pipeline on the cloud's text encoders.
+    ``edge_shares_text_encoder`` loads the edge pipeline on the cloud's text encoders. ``guidance_scale`` is
+    the classifier-free guidance scale a request that names none gets.
     """
 
     cloud: str
@@ -22,6 +25,7 @@ class PairSpec:
     edge_vae_latent_space: str | None = None
     edge_shares_text_encoder: bool = False
     description: str = ""
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
 
 
 PRESETS: dict[str, PairSpec] = {

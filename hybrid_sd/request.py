@@ -10,6 +10,7 @@ from dataclasses import dataclass
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 DEFAULT_SWITCH_FRACTION = 0.4
+DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's; a pair may recommend its own (PairSpec.guidance_scale)
 
 
 @dataclass(frozen=True)
@@ -18,15 +19,16 @@ class GenerationRequest:
 
     ``switch_step=None`` hands over after 40% of the steps (early steps fix the layout, which needs
     the large model), unless ``auto_switch`` lets the server choose. ``seed=None`` draws a random
-    seed; ``width``/``height=None`` take the edge model's native size and ``scheduler=None`` its
-    scheduler class (the edge runs on every path: see :meth:`hybrid_sd.edge_profile.EdgeProfile.fill`).
+    seed; ``width``/``height=None`` take the edge model's native size, ``scheduler=None`` its
+    scheduler class and ``guidance_scale=None`` its pair's guidance (the edge runs on every path: see
+    :meth:`hybrid_sd.edge_profile.EdgeProfile.fill`).
     """
 
     prompt: str
     negative_prompt: str | None = None
     switch_step: int | None = None
     num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     guidance_rescale: float = 0.0
     seed: int | None = None
     width: int | None = None
@@ -47,7 +49,8 @@ class GenerationRequest:
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
         if self.switch_step is not None:
             _check_int("switch_step", self.switch_step, 0, self.num_inference_steps)
-        _check_finite("guidance_scale", self.guidance_scale, 0.0)
+        if self.guidance_scale is not None:
+            _check_finite("guidance_scale", self.guidance_scale, 0.0)
         _check_finite("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)

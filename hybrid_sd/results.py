@@ -118,6 +118,7 @@ class GenerationResult:
             "switch_step": self.request.switch_step,
             "num_inference_steps": self.request.num_inference_steps,
             "scheduler": self.request.scheduler,
+            "guidance_scale": self.request.guidance_scale,
             "width": self.request.width,
             "height": self.request.height,
             "unet_evaluations": self.unet_evaluations,

@@ -56,7 +56,7 @@ class SweepConfig:
     seeds: list[int]
     num_inference_steps: int
     scheduler: str | None
-    guidance_scale: float
+    guidance_scale: float | None  # None: the pair's own
     out: Path
 
     def __post_init__(self) -> None:
@@ -177,7 +177,7 @@ def _check_same_sweep(config: SweepConfig, row: Row, path: Path) -> None:
     same = (
         int(row["num_inference_steps"]) == config.num_inference_steps
         and row["scheduler"] == (config.scheduler or "")
-        and float(row["guidance_scale"]) == config.guidance_scale
+        and row["guidance_scale"] == _guidance_cell(config.guidance_scale)
         and (index >= len(config.prompts) or row["prompt"] == config.prompts[index])
     )
     if not same:
@@ -207,7 +207,7 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
         switch_step=k,
         num_inference_steps=config.num_inference_steps,
         scheduler=config.scheduler or "",
-        guidance_scale=float(config.guidance_scale),
+        guidance_scale=_guidance_cell(config.guidance_scale),
         adherence=adherence(image, config.prompts[index]),
         psnr=psnr_db,
         ssim=similarity,
@@ -219,6 +219,11 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
     row.update({f"t_{stage}_s": seconds for stage, seconds in result.timings.items()})
     # As strings, like the rows read back on resume, so that both summarise the same way.
     return {column: "" if value is None else str(value) for column, value in row.items()}
+
+
+def _guidance_cell(guidance_scale: float | None) -> str:
+    """A guidance scale as results.csv holds it: empty for the pair's own."""
+    return "" if guidance_scale is None else str(float(guidance_scale))
 
 
 def adherence(image: Image.Image, prompt: str) -> float | None:
@@ -360,7 +365,8 @@ def write_report(config: SweepConfig, summary: dict, path: Path) -> None:
         "# Switch-step sweep",
         "",
         f"{config.num_inference_steps} steps, scheduler {config.scheduler or '(cloud default)'}, "
-        f"guidance {config.guidance_scale}, seeds {', '.join(map(str, config.seeds))}. "
+        f"guidance {_guidance_cell(config.guidance_scale) or 'of the pair'}, "
+        f"seeds {', '.join(map(str, config.seeds))}. "
         f"k = cloud steps before the handoff; k = {config.num_inference_steps} is the large model alone, "
         "the reference of PSNR and SSIM. Cells: mean ± half-width of the 95% t-interval.",
         "",

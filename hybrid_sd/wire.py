@@ -282,6 +282,7 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateResponse:
         switch_step=request.switch_step,
         num_inference_steps=request.num_inference_steps,
         scheduler=request.scheduler,
+        guidance_scale=request.guidance_scale,
         width=request.width,
         height=request.height,
         timings=pb.StageTimings(**{stage: result.timings.get(stage, 0.0) for stage in STAGES}),
@@ -309,6 +310,7 @@ def result_from_pb(message: pb.GenerateResponse, asked: GenerationRequest) -> Ge
         width=message.width,
         height=message.height,
         scheduler=message.scheduler,
+        guidance_scale=message.guidance_scale,
     )
     return GenerationResult(
         request=request,
@@ -367,6 +369,7 @@ def edge_profile_to_pb(profile: EdgeProfile) -> pb.EdgeProfile:
         default_width=profile.default_width,
         default_height=profile.default_height,
         default_scheduler=profile.default_scheduler,
+        default_guidance_scale=profile.default_guidance_scale,
     )
 
 
@@ -380,4 +383,5 @@ def edge_profile_from_pb(message: pb.EdgeProfile) -> EdgeProfile:
         message.default_width,
         message.default_height,
         message.default_scheduler,
+        message.default_guidance_scale if message.HasField("default_guidance_scale") else None,
     )

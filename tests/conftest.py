@@ -44,17 +44,21 @@ def pairs(pair_specs) -> dict[str, ModelPair]:
     return {family: load_pair(spec) for family, spec in pair_specs.items()}
 
 
+OTHER_GUIDANCE_SCALE = 3.0
+
+
 @pytest.fixture(scope="session")
 def other_defaults_spec(pair_specs, tmp_path_factory) -> PairSpec:
     """The tiny SD 1.x pair with an edge whose own size (32 px, the cloud's is 64) and scheduler (Euler,
-    the cloud's is PLMS) differ from the cloud's: what a request leaves unset must resolve alike on every path."""
+    the cloud's is PLMS) differ from the cloud's, and a guidance scale of its own (3, not 7.5): what a request
+    leaves unset must resolve alike on every path."""
     spec = pair_specs["sd1"]
     edge = DiffusionPipeline.from_pretrained(spec.edge)
     edge.unet.register_to_config(sample_size=edge.unet.config.sample_size // 2)
     edge.scheduler = EulerDiscreteScheduler.from_config(edge.scheduler.config)
     folder = tmp_path_factory.mktemp("other-defaults-edge")
     edge.save_pretrained(folder)
-    return dataclasses.replace(spec, edge=str(folder))
+    return dataclasses.replace(spec, edge=str(folder), guidance_scale=OTHER_GUIDANCE_SCALE)
 
 
 def load_reference(path: str) -> DiffusionPipeline:

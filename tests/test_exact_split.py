@@ -70,15 +70,17 @@ def test_edge_with_its_own_text_encoder_encodes_again(pairs, references, schedul
     other = build_tiny_pipeline("sd1", "small", seed=7)  # other text encoder weights
     edge = Denoiser(other, "tiny-sd1-small-seed7")
     assert edge.text_encoder_id != cloud.text_encoder_id
-    request = GenerationRequest(
-        "a green triangle",
-        "blurry",
-        switch_step=3,
-        num_inference_steps=STEPS,
-        seed=5,
-        width=64,
-        height=64,
-        scheduler=scheduler,
+    request = cloud.resolve(
+        GenerationRequest(
+            "a green triangle",
+            "blurry",
+            switch_step=3,
+            num_inference_steps=STEPS,
+            seed=5,
+            width=64,
+            height=64,
+            scheduler=scheduler,
+        )
     )
     state = cloud.begin(request)
     state = cloud.denoise(state, 3)

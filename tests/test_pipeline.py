@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.request import MAX_SEED, GenerationRequest
+from hybrid_sd.request import DEFAULT_GUIDANCE_SCALE, MAX_SEED, GenerationRequest
 from hybrid_sd.results import STAGES
 
 STEPS = 6
@@ -62,6 +62,7 @@ def test_result_reports_resolved_request(pairs):
     assert result.request.switch_step == 2  # 40% of 5
     assert (result.request.width, result.request.height) == (64, 64)  # sample_size 8 x VAE factor 8
     assert result.request.scheduler == "PNDMScheduler"
+    assert result.request.guidance_scale == DEFAULT_GUIDANCE_SCALE == 7.5  # Stable Diffusion's
     assert result.image.size == (64, 64)
     summary = result.summary()
     assert summary["seed"] == result.request.seed

@@ -26,6 +26,7 @@ from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
+from tests.conftest import OTHER_GUIDANCE_SCALE
 from tests.serving import BATCHED_LATENT_TOLERANCE, channel, free_port
 
 STEPS = 6
@@ -185,14 +186,20 @@ def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
 
 
 def test_defaults_resolve_alike_on_every_path(loop, cluster, engine, other_defaults_spec):
-    """A request naming no size or scheduler gets the edge model's (32 px, Euler; the cloud's are 64 px,
-    PLMS) in-process, through the gateway, edge-initiated, and when the edge falls back alone."""
+    """A request naming no size, scheduler or guidance gets the edge model's (32 px, Euler; the cloud's are 64 px,
+    PLMS) and its pair's guidance scale (3) in-process, through the gateway, edge-initiated, and when the edge
+    falls back alone."""
     fields = dict(prompt="a circle", num_inference_steps=STEPS, switch_step=3, seed=21)
     expected = engine(GenerationRequest(**fields))
     assert (expected.request.width, expected.request.scheduler) == (32, "EulerDiscreteScheduler")
+    assert expected.request.guidance_scale == OTHER_GUIDANCE_SCALE
+    named = engine(GenerationRequest(**fields, guidance_scale=OTHER_GUIDANCE_SCALE)).latents
+    assert torch.equal(named, expected.latents)
+    assert not torch.equal(engine(GenerationRequest(**fields, guidance_scale=7.5)).latents, named)
     for entry in ("gateway", "edge"):
         response = generate(cluster[entry], **fields)
         assert (response.width, response.height, response.scheduler) == (32, 32, "EulerDiscreteScheduler")
+        assert response.guidance_scale == OTHER_GUIDANCE_SCALE
         assert torch.equal(tensor_from_pb(response.latents, "latents"), expected.latents)
     unreachable = EdgeConfig(other_defaults_spec, port=0, cloud=f"127.0.0.1:{free_port()}")
     edge, leave = loop.enter(running_edge(unreachable))
@@ -201,6 +208,7 @@ def test_defaults_resolve_alike_on_every_path(loop, cluster, engine, other_defau
     finally:
         leave()
     assert response.edge_fallback and (response.width, response.scheduler) == (32, "EulerDiscreteScheduler")
+    assert response.guidance_scale == OTHER_GUIDANCE_SCALE
     edge_only = engine(GenerationRequest(**{**fields, "switch_step": 0}))
     assert torch.equal(tensor_from_pb(response.latents, "latents"), edge_only.latents)
 
@@ -343,7 +351,7 @@ def test_sweep_against_the_live_cluster(cluster, engine, tmp_path):
     from hybrid_sd.sweep import SweepConfig, remote_runner, run_sweep
 
     prompts = ["a small green triangle", "a large red circle above a small blue square"]
-    config = SweepConfig([0, 2], prompts, [3], 4, "euler", 7.5, tmp_path)
+    config = SweepConfig([0, 2], prompts, [3], 4, "euler", None, tmp_path)  # the pair's guidance, as the engine's
     summary = run_sweep(config, remote_runner(f"127.0.0.1:{cluster['gateway']}"), progress=False)
     with open(tmp_path / "results.csv") as file:
         rows = list(csv.DictReader(file))

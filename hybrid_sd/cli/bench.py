@@ -55,7 +55,11 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     load.add_argument("--width", type=int, help="default: the edge model's native size")
     load.add_argument("--height", type=int, help="default: the edge model's native size")
     load.add_argument("--scheduler", help="scheduler class name or alias (default: the edge model's own)")
-    load.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    load.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
+    )
     load.add_argument("--out", type=Path, required=True, help="folder for results.csv, summary.json and plots")
     add_remote_arguments(load.add_argument_group("server (gRPC calls to a gateway or an edge worker)"), required=True)
     load.set_defaults(handler=run_load_bench)

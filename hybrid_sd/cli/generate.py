@@ -34,7 +34,11 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--steps", type=int, default=25, help="denoising steps in all (default: 25)")
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, reported in --json)")
-    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    generate.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
+    )
     generate.add_argument("--guidance-rescale", type=float, default=0.0)
     generate.add_argument("--width", type=int, help="default: the edge model's native size")
     generate.add_argument("--height", type=int, help="default: the edge model's native size")

@@ -24,7 +24,11 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
     sweep.add_argument("--steps", type=int, default=25, help="denoising steps in all (default: 25)")
     sweep.add_argument("--scheduler", help="scheduler class name or alias (default: the edge model's own)")
-    sweep.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sweep.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
+    )
     sweep.add_argument("--out", type=Path, required=True, help="folder for results, plots and report (resumable)")
     add_model_arguments(sweep)
     remote = sweep.add_argument_group("remote (with --target: gRPC calls to a gateway or an edge worker)")

@@ -129,11 +129,13 @@ def evaluate(
     num_inference_steps: int = 20,
     switch_steps: tuple[int, ...] = (0, 4, 8, 12, 16, 20),
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
 ) -> dict:
-    """Sweep the pair at ``pair_dir`` into ``sweep_dir``; return the evaluation and write it to
-    ``pair_dir/evaluation.json``."""
-    pipeline = HybridPipeline.from_pair(embedded_spec(pair_dir))
+    """Sweep the pair at ``pair_dir`` into ``sweep_dir`` (at its own guidance scale unless given one); return
+    the evaluation and write it to ``pair_dir/evaluation.json``."""
+    spec = embedded_spec(pair_dir)
+    guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
+    pipeline = HybridPipeline.from_pair(spec)
     bundle = pair_edge_bundle(pair_dir)
     heldout = HeldoutSet(prompts)
     config = SweepConfig(

@@ -63,7 +63,7 @@ def txt2img_call(body: object) -> tuple[GenerationRequest, CallOptions]:
         negative_prompt=body.get("negative_prompt") or None,
         switch_step=None if fraction is None else round(fraction * steps),
         num_inference_steps=steps,
-        guidance_scale=float(body.get("cfg_scale", GenerationRequest.guidance_scale)),
+        guidance_scale=None if body.get("cfg_scale") is None else float(body["cfg_scale"]),
         seed=None if seed == -1 else seed,
         width=body.get("width"),
         height=body.get("height"),
