@@ -32,14 +32,14 @@ PAIR_DIR = EMBEDDED_PRESETS["shapes"]
 README = Path(__file__).parent.parent / "README.md"
 STEPS = 20
 HYBRID_K = round(0.4 * STEPS)
-PROMPTS = 64  # the committed evaluation's held-out captions (seed 0, DPM-Solver++, guidance 7.5)
+PROMPTS = 64  # the committed evaluation's held-out captions (seed 0, DPM-Solver++, the pair's guidance: 5)
 # Measured on the development machine (evaluation.json, the model card), every k decoded by the edge's tiny
-# decoder: overall adherence large alone 0.788, edge alone 0.469, hybrid at k = 8 0.779; FD 23.9, 39.4 and
-# 23.6 (a second real sample: 6.0).
-LARGE_ADHERENCE_AT_LEAST = 0.75
+# decoder: overall adherence large alone 0.870 (colour 0.888, count 0.921), edge alone 0.450, hybrid at k = 8
+# 0.804; FD 24.6, 35.4 and 26.4 (a second real sample: 6.0).
+LARGE_AT_LEAST = {"overall": 0.85, "color": 0.80, "count": 0.90}  # issue 12's bar
 EDGE_ADHERENCE_BELOW_LARGE_BY = 0.15
 HYBRID_GAP_RECOVERED_AT_LEAST = 0.7  # in overall adherence and in FD
-README_SEEDS, README_OBJECTS_RIGHT_AT_LEAST = range(10), 7  # measured: 8
+README_SEEDS, README_OBJECTS_RIGHT_AT_LEAST = range(10), 8  # measured: 9
 # Other CPUs round differently; the images, and so the scores, may move a little.
 ADHERENCE_TOLERANCE, FD_TOLERANCE = 0.03, 2.0
 
@@ -50,6 +50,7 @@ def test_shapes_is_the_default_pair_and_loads_with_its_latent_space(pairs):
     assert pair.cloud.latent_space == pair.edge.latent_space == preset("shapes").edge_vae_latent_space
     assert pair.cloud.latent_space.startswith("custom-")
     assert type(pair.edge.pipe.vae).__name__ == "AutoencoderTiny"
+    assert pair.cloud.default_guidance_scale == pair.edge.default_guidance_scale == 5.0  # not SD's 7.5
     assert pair.cloud.default_size == 64
     layers = {type(module).__name__ for module in pair.edge.pipe.unet.modules()}
     assert {"OneDnnLinear", "OneDnnConv2d"} & layers, layers  # served through the int8 layers where they pay
@@ -110,6 +111,7 @@ def measured() -> dict[int, dict[str, float]]:
     for index, k in enumerate(ks):
         scores = heldout.score(images[index * PROMPTS : (index + 1) * PROMPTS])
         results[k] = {"adherence": scores["adherence"]["overall"], "fd": scores["frechet_distance"]}
+        results[k]["attributes"] = scores["adherence"]
     return results
 
 
@@ -121,7 +123,8 @@ def test_the_engine_reproduces_the_committed_evaluation(measured):
 
 
 def test_large_model_alone_binds_the_captions(measured):
-    assert measured[STEPS]["adherence"] >= LARGE_ADHERENCE_AT_LEAST, measured
+    attributes = measured[STEPS]["attributes"]
+    assert all(attributes[name] >= bar for name, bar in LARGE_AT_LEAST.items()), attributes
 
 
 def test_edge_model_alone_is_clearly_worse(measured):
@@ -138,8 +141,9 @@ def test_hybrid_at_40_percent_recovers_most_of_the_gap(measured, metric):
 
 def test_the_readme_first_command_draws_its_objects(pairs):
     """The README's first command's prompt at the default switch step (in-process: the served path gives the
-    same image, tests/test_serving.py). Issue 12 asks for every attribute right in 8 of seeds 0-9; the shipped
-    pair gets 1 (measured: count, shape and size right in 8, both colours in 5, the relation in 2). This holds
+    same image, tests/test_serving.py), at the pair's guidance. Issue 12 asks for every attribute right in 8 of
+    seeds 0-9; the shipped pair gets 3 (measured: count, shape and size right in 9, both colours in 9, the
+    relation in 3: the large model alone too puts the square above the circle as often as not). This holds
     the part it draws: the two objects with their shapes and sizes."""
     prompt = re.search(r'cluster up --generate "([^"]+)"', README.read_text()).group(1)
     pipeline = HybridPipeline(pairs["shapes"])

@@ -28,6 +28,7 @@ from hybrid_sd.sweep import SweepConfig, run_sweep
 
 HELDOUT_SEED = 2000  # scenes seen neither in training (seed 0) nor by the feature net's held-out set (1000)
 ATTRIBUTES = ("count", "color", "shape", "size", "relation", "overall")
+DIFFUSERS_BATCH = 16  # captions per diffusers pipeline call
 
 
 def heldout_scenes(count: int, seed: int = HELDOUT_SEED) -> list[Scene]:
@@ -169,6 +170,10 @@ def evaluate(
         "scheduler": type(pipeline.cloud.pipe.scheduler).__name__,
         "guidance_scale": guidance_scale,
         "switch_steps": per_k,
+        # Where the decoder is the large model's own: how much of FD the edge's tiny decoder adds at k = N.
+        "large_full_vae": heldout.score(
+            diffusers_large_alone(pair_dir / "cloud", heldout.captions, num_inference_steps, guidance_scale, seed)
+        ),
         # The floor: a second real sample of the same size against the first.
         "frechet_distance_real_vs_real": frechet_distance(
             heldout.real_features, features(heldout_images(prompts, 3000), heldout.net)
@@ -180,6 +185,27 @@ def evaluate(
     (pair_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     plot_adherence_and_fd(evaluation, config.out / "adherence_fd_vs_k.png")
     return evaluation
+
+
+@torch.no_grad()
+def diffusers_large_alone(
+    cloud_dir: Path, captions: list[str], num_inference_steps: int, guidance_scale: float, seed: int
+) -> list[Image.Image]:
+    """The large model alone through diffusers' own ``StableDiffusionPipeline``, decoded by its full VAE."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        cloud_dir, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(captions), DIFFUSERS_BATCH):
+        batch = captions[start : start + DIFFUSERS_BATCH]
+        generators = [torch.Generator().manual_seed(seed) for _ in batch]  # each image's noise as if alone
+        images += pipe(
+            batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generators
+        ).images
+    return images
 
 
 def plot_adherence_and_fd(evaluation: dict, path: Path) -> None:

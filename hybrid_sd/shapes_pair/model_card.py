@@ -133,6 +133,15 @@ def _quality_lines(evaluation: dict) -> list[str]:
             f"| {k} | {adherence} | {entry['frechet_distance']:.1f} | {entry['cloud_unet_evaluations']} |"
             f" {entry['median_total_s']:.2f} s |"
         )
+    full_vae = evaluation.get("large_full_vae")
+    if full_vae is not None:
+        lines += [
+            "",
+            f"The large model alone through diffusers' own `StableDiffusionPipeline`, decoded by its full VAE rather"
+            f" than the edge's tiny decoder: overall adherence {full_vae['adherence']['overall']:.3f} (colour"
+            f" {full_vae['adherence']['color']:.3f}, count {full_vae['adherence']['count']:.3f}), FD"
+            f" {full_vae['frechet_distance']:.1f}.",
+        ]
     hybrid_k = round(0.4 * steps)
     if str(hybrid_k) in evaluation["switch_steps"]:
         lines += [
