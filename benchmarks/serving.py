@@ -83,8 +83,9 @@ def served_cluster(pair: list[str], replicas: int = 1, torch_threads: int | None
 def overhead(
     name: str, pair_name: str, engine: HybridPipeline, pair: list[str], request: GenerationRequest, repeats: int
 ) -> dict:
-    """``request`` in-process on ``engine`` and through ``cluster up`` with ``pair`` (the same models)."""
-    stub, leave = served_cluster(pair)
+    """``request`` in-process on ``engine`` and through ``cluster up`` with ``pair`` (the same models, and the
+    same torch threads in every process as here)."""
+    stub, leave = served_cluster(pair, torch_threads=torch.get_num_threads())
     message = request_to_pb(request)
     message.output_format = pb.OUTPUT_FORMAT_PNG
     try:

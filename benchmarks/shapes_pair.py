@@ -2,7 +2,7 @@
 alone (k = 0) and the hybrid at 40% of the steps, interleaved, medians of repeats; with the UNets' and
 decoders' own times per call, so the ratios can be read against their FLOP ratios.
 
-    .venv/bin/python benchmarks/shapes_pair.py --repeats 10
+    .venv/bin/python benchmarks/shapes_pair.py --repeats 10 [--threads 1]
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ except ModuleNotFoundError:
     from benchmarks.reporting import interleaved_times
 
 STEPS = 20
-RESULTS = Path(__file__).parent / "results" / "shapes_pair.json"
+RESULTS = Path(__file__).parent / "results" / "shapes_pair_{threads}threads.json"
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipeline = HybridPipeline.from_pair("shapes")
     cloud, edge = pipeline.cloud.pipe, pipeline.edge.pipe
     prompts = heldout_captions(args.repeats)
@@ -64,8 +67,9 @@ def main() -> None:
         print(f"{name:<28} {value:>10.4f} {'' if ratio is None else f'{ratio:.2f}x':>14}")
     print(f"large/small UNet call: {medians['large UNet call (batch 2)'] / medians['small UNet call (batch 2)']:.2f}x;")
     print(f"VAE/tiny decode: {medians['VAE decode'] / medians['tiny decode']:.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": STEPS, "repeats": args.repeats, "medians_s": medians}, indent=2) + "\n")
+    results = Path(str(RESULTS).format(threads=torch.get_num_threads()))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"steps": STEPS, "repeats": args.repeats, "medians_s": medians}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,12 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
         "--http-port", type=int, default=DEFAULT_GATEWAY_HTTP_PORT, help=HTTP_HELP + "; the edge's: the next one"
     )
     up.add_argument("--replicas", type=int, default=1, help="denoiser replicas")
-    up.add_argument("--torch-threads", type=int, help=THREADS_HELP + " (every process)")
+    up.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads of every process (default: the cores shared among the replicas and the edge"
+        " worker)",
+    )
     _add_batch_arguments(up, DEFAULT_MAX_BATCH, "each denoiser replica and the edge worker")
     up.add_argument("--profile", type=Path, help=PROFILE_HELP + " (gateway and edge)")
     add_limit_arguments(up)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -32,8 +33,7 @@ def run_cluster_up(args: argparse.Namespace) -> None:
     gateway, edge = f"127.0.0.1:{args.port}", f"127.0.0.1:{args.port + 1}"
     http_ports = (args.http_port, args.http_port + 1) if args.http_port else (0, 0)
     common = _model_flags(args) + _limit_flags(limits_from_args(args))
-    if args.torch_threads:
-        common += ["--torch-threads", str(args.torch_threads)]
+    common += ["--torch-threads", str(args.torch_threads or default_torch_threads(args.replicas))]
     # The embedded edge worker serves every client of the cluster: it batches as the replicas do.
     common += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     common += ["--max-queued", str(args.max_queued)]
@@ -79,6 +79,13 @@ def run_cluster_up(args: argparse.Namespace) -> None:
             signal.signal(signum, signal.SIG_IGN)
         with stage("stopping the edge worker and the gateway", "stopped"):
             supervisor.stop()
+
+
+def default_torch_threads(replicas: int) -> int:
+    """This machine's cores shared among the processes that compute side by side here: each replica and the edge
+    worker. With more torch threads than cores every UNet call waits on the others' (libgomp stops spinning
+    between parallel regions): on 2 cores, one thread each instead of two halves the shapes pair's request."""
+    return max(1, len(os.sched_getaffinity(0)) // (replicas + 1))
 
 
 def _check_ports(first: int, flag: str, services: tuple[str, str]) -> None:

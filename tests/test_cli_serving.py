@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
+from services.cluster import default_torch_threads
 from tests.serving import ctrl_c_reaches, free_port
 
 CLI = [sys.executable, "-m", "hybrid_sd.cli"]
@@ -50,7 +51,12 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
         wait_serving(gateway)
         wait_serving(edge)
         fields = dict(prompt="a blue triangle", switch_step=3, num_inference_steps=6, seed=21)
-        expected = HybridPipeline(pairs["shapes"])(GenerationRequest(**fields)).latents  # the default pair
+        threads = torch.get_num_threads()
+        torch.set_num_threads(default_torch_threads(replicas=1))  # the cluster's: the same kernels, the same bits
+        try:
+            expected = HybridPipeline(pairs["shapes"])(GenerationRequest(**fields)).latents  # the default pair
+        finally:
+            torch.set_num_threads(threads)
         for target in (gateway, edge):
             done = run_cli(
                 "generate",
