@@ -19,7 +19,8 @@ IMAGE_SIZE = 64
 # Stable Diffusion's noise schedule.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # The guidance a request that names none gets. Stable Diffusion's 7.5 over-saturates these colours: on the 64
-# held-out captions the shipped large model alone binds colour 0.69 at 7.5 and 0.89 at 5 (README, Shapes pair).
+# held-out captions the shipped large model alone binds colour 0.72 at 7.5 and 0.94 at 5
+# (benchmarks/shapes_guidance.py).
 GUIDANCE_SCALE = 5.0
 
 
