@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hybrid_sd.pairs import load_pipeline
 from hybrid_sd.presets import EMBEDDED_PRESETS
 from hybrid_sd.shapes_pair.evaluate import HeldoutSet, diffusers_large_alone
 
@@ -32,7 +33,7 @@ def main() -> None:
     scales = [float(value) for value in args.guidance.split(",")]
     seeds = [int(value) for value in args.seeds.split(",")]
     heldout = HeldoutSet(args.prompts)
-    cloud = EMBEDDED_PRESETS["shapes"] / "cloud"
+    cloud = load_pipeline(str(EMBEDDED_PRESETS["shapes"] / "cloud"), torch.float32)
     rows = []
     for scale, seed in tqdm([(scale, seed) for scale in scales for seed in seeds], desc="guidance x seed"):
         scores = heldout.score(diffusers_large_alone(cloud, heldout.captions, STEPS, scale, seed))

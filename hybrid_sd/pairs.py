@@ -108,7 +108,8 @@ def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.fl
 
 def load_cloud(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
     check_device(device)
-    return Denoiser(_place(load_pipeline(spec.cloud, dtype), device, dtype), spec.cloud, None, spec.guidance_scale)
+    pipe = _place(load_pipeline(spec.cloud, dtype), device, dtype)
+    return Denoiser(pipe, spec.cloud, default_guidance_scale=spec.guidance_scale)
 
 
 def load_edge(

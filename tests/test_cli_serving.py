@@ -52,12 +52,8 @@ def test_cluster_up_serves_generate_from_both_entry_points(tmp_path, model_home,
         wait_serving(gateway)
         wait_serving(edge)
         # Each service gets its share of the cores (both run side by side here, as the replica does).
-        shares = {
-            child.cmdline()[child.cmdline().index("serve") + 1]: child.cmdline()[
-                child.cmdline().index("--torch-threads") + 1
-            ]
-            for child in psutil.Process(cluster.pid).children()
-        }
+        commands = [child.cmdline() for child in psutil.Process(cluster.pid).children()]
+        shares = {line[line.index("serve") + 1]: line[line.index("--torch-threads") + 1] for line in commands}
         assert shares == dict.fromkeys(("edge", "gateway"), str(default_torch_threads(replicas=1))), shares
         fields = dict(prompt="a blue triangle", switch_step=3, num_inference_steps=6, seed=21)
         threads = torch.get_num_threads()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from hybrid_sd.bundle import Bundle, folder_bytes, pair_edge_bundle
@@ -83,9 +84,9 @@ def flops_per_call(module: torch.nn.Module, *inputs) -> int:
     return counter.get_total_flops()
 
 
-def weight_folders(pair_dir: Path) -> tuple[str, ...]:
-    """The pair's weight folders, relative to it."""
-    return ("cloud", "edge/unet", "edge/vae") if pair_edge_bundle(pair_dir) else ("cloud", "edge-unet", "edge-vae")
+def weight_folders(bundle: Bundle | None) -> tuple[str, ...]:
+    """A pair's weight folders, relative to it, given its edge bundle (None: train-shapes' own layout)."""
+    return ("cloud", "edge/unet", "edge/vae") if bundle else ("cloud", "edge-unet", "edge-vae")
 
 
 def model_costs(pipeline: HybridPipeline, bundle: Bundle | None = None) -> dict:
@@ -130,12 +131,11 @@ def evaluate(
     num_inference_steps: int = 20,
     switch_steps: tuple[int, ...] = (0, 4, 8, 12, 16, 20),
     seed: int = 0,
-    guidance_scale: float | None = None,
 ) -> dict:
-    """Sweep the pair at ``pair_dir`` into ``sweep_dir`` (at its own guidance scale unless given one); return
-    the evaluation and write it to ``pair_dir/evaluation.json``."""
+    """Sweep the pair at ``pair_dir`` into ``sweep_dir`` at its own guidance scale; return the evaluation and
+    write it to ``pair_dir/evaluation.json``."""
     spec = embedded_spec(pair_dir)
-    guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
+    guidance_scale = spec.guidance_scale
     pipeline = HybridPipeline.from_pair(spec)
     bundle = pair_edge_bundle(pair_dir)
     heldout = HeldoutSet(prompts)
@@ -172,14 +172,14 @@ def evaluate(
         "switch_steps": per_k,
         # Where the decoder is the large model's own: how much of FD the edge's tiny decoder adds at k = N.
         "large_full_vae": heldout.score(
-            diffusers_large_alone(pair_dir / "cloud", heldout.captions, num_inference_steps, guidance_scale, seed)
+            diffusers_large_alone(pipeline.cloud.pipe, heldout.captions, num_inference_steps, guidance_scale, seed)
         ),
         # The floor: a second real sample of the same size against the first.
         "frechet_distance_real_vs_real": frechet_distance(
             heldout.real_features, features(heldout_images(prompts, 3000), heldout.net)
         ),
         "costs": model_costs(pipeline, bundle),
-        "bytes": {name: folder_bytes(pair_dir / name) for name in weight_folders(pair_dir)},
+        "bytes": {name: folder_bytes(pair_dir / name) for name in weight_folders(bundle)},
         "summary": {k: entry["metrics"]["adherence"] for k, entry in summary["switch_steps"].items()},
     }
     (pair_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
@@ -189,14 +189,10 @@ def evaluate(
 
 @torch.no_grad()
 def diffusers_large_alone(
-    cloud_dir: Path, captions: list[str], num_inference_steps: int, guidance_scale: float, seed: int
+    pipe: StableDiffusionPipeline, captions: list[str], num_inference_steps: int, guidance_scale: float, seed: int
 ) -> list[Image.Image]:
-    """The large model alone through diffusers' own ``StableDiffusionPipeline``, decoded by its full VAE."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        cloud_dir, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    """The large model alone through diffusers' own pipeline ``pipe`` (the pair's cloud model as loaded),
+    decoded by its full VAE."""
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(captions), DIFFUSERS_BATCH):
