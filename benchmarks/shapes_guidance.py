@@ -29,23 +29,25 @@ def main() -> None:
     parser.add_argument("--guidance", default="2,3,5,7.5,10", help="comma-separated guidance scales")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated image seeds")
     parser.add_argument("--prompts", type=int, default=64, help="held-out captions")
+    parser.add_argument("--pair", type=Path, default=EMBEDDED_PRESETS["shapes"], help="a shapes pair folder")
     args = parser.parse_args()
     scales = [float(value) for value in args.guidance.split(",")]
     seeds = [int(value) for value in args.seeds.split(",")]
     heldout = HeldoutSet(args.prompts)
-    cloud = load_pipeline(str(EMBEDDED_PRESETS["shapes"] / "cloud"), torch.float32)
+    cloud = load_pipeline(str(args.pair / "cloud"), torch.float32)
     rows = []
     for scale, seed in tqdm([(scale, seed) for scale in scales for seed in seeds], desc="guidance x seed"):
         scores = heldout.score(diffusers_large_alone(cloud, heldout.captions, STEPS, scale, seed))
         rows.append({"guidance": scale, "seed": seed, **scores["adherence"], "fd": scores["frechet_distance"]})
-    print(f"shapes pair, large model alone (diffusers, full VAE), {args.prompts} held-out captions, {STEPS} steps")
+    print(f"{args.pair}, large model alone (diffusers, full VAE), {args.prompts} held-out captions, {STEPS} steps")
     print("guidance | " + " | ".join(COLUMNS) + " | FD   (means over seeds " + args.seeds + ")")
     for scale in scales:
         mine = [row for row in rows if row["guidance"] == scale]
         means = [statistics.mean(row[name] for row in mine) for name in (*COLUMNS, "fd")]
         print(f"{scale:8} | " + " | ".join(f"{value:.3f}" for value in means[:-1]) + f" | {means[-1]:.1f}")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": STEPS, "prompts": args.prompts, "rows": rows}, indent=2) + "\n")
+    record = {"pair": str(args.pair), "steps": STEPS, "prompts": args.prompts, "rows": rows}
+    RESULTS.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 
 

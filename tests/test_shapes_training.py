@@ -8,12 +8,14 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
+from hybrid_sd.shapes_pair.pair_models import SCHEDULES
 from hybrid_sd.shapes_pair.train_config import TrainConfig
-from hybrid_sd.shapes_pair.train_pair import train
+from hybrid_sd.shapes_pair.train_pair import LatentBatches, Run, train
 from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
 
 TINY = TrainConfig(
@@ -128,3 +130,32 @@ def test_train_shapes_refuses_bad_run_options_naming_them(tmp_path, capsys, flag
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "pair" / "training.json").exists()
+
+
+@pytest.mark.parametrize("schedule", ["zero-terminal-snr", "stable-diffusion"])
+def test_the_schedule_decides_the_target_and_the_weights_and_is_saved_with_the_pair(schedule, tmp_path):
+    """Zero terminal SNR: the last timestep holds no signal, the UNet predicts v and that step keeps weight 1;
+    Stable Diffusion's: some signal is left, the UNet predicts the noise. Either way the latents are what the
+    noisy batch and the target give back, and the pair's sampler carries the schedule."""
+    run = Run(dataclasses.replace(TINY, schedule=schedule), torch.device("cpu"), Checkpoints())
+    means = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(16, 32, dtype=torch.long)
+    data = LatentBatches(run, means, torch.zeros_like(means), ids, ids[:1], scaling_factor=1.0, seed=0)
+    noisy, timesteps, _, target = data.at(0)
+    alpha = data.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    if schedule == "zero-terminal-snr":
+        latents = alpha.sqrt() * noisy - (1 - alpha).sqrt() * target
+    else:
+        latents = (noisy - (1 - alpha).sqrt() * target) / alpha.sqrt()
+    torch.testing.assert_close(latents, means[batch_at(16, TINY.batch_size, 0, 0)], atol=1e-4, rtol=1e-4)
+    last_alpha = data.noise_scheduler.alphas_cumprod[-1].item()
+    weights = data.weights(torch.tensor([0, 999]))
+    assert (last_alpha == 0.0) == (schedule == "zero-terminal-snr") and weights[1].item() == 1.0
+    assert 0 < weights[0].item() < 0.01  # the least noisy step (SNR 1175): Min-SNR-5 caps its weight
+
+    out = tmp_path / "trained"
+    flags = ["--images", "64", "--batch-size", "8", "--vae-crop-steps", "1", "--vae-full-steps", "1"]
+    flags += ["--large-steps", "1", "--warmup-steps", "1", "--schedule", schedule]
+    assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
+    saved = DPMSolverMultistepScheduler.from_pretrained(out / "cloud" / "scheduler").config
+    assert {name: saved[name] for name in SCHEDULES[schedule]} == SCHEDULES[schedule]

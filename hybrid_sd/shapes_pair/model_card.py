@@ -53,6 +53,14 @@ def _architecture_table(evaluation: dict) -> list[str]:
     return lines
 
 
+# The large stage's loss under each noise schedule (TrainConfig.schedule; cards before it: Stable Diffusion's).
+_LOSSES = {
+    "stable-diffusion": "epsilon loss on Stable Diffusion's schedule with Min-SNR-5 weighting",
+    "zero-terminal-snr": "v-prediction loss on Stable Diffusion's betas rescaled to zero terminal SNR (Lin et al.,"
+    " 2024) with Min-SNR-5 weighting of SNR + 1",
+}
+
+
 def _training_lines(training: dict) -> list[str]:
     config, stages = training["config"], training["stages"]
     minutes = training["total_seconds"] / 60
@@ -70,9 +78,9 @@ def _training_lines(training: dict) -> list[str]:
     described = {
         "vae": f"AutoencoderKL, L1 + {config['vae_kl_weight']:g} KL; {config['vae_crop_steps']} steps on 32x32 crops,"
         f" {config['vae_full_steps']} on whole images; latents scaled by {training['scaling_factor']} to unit variance",
-        "large": "text encoder and large UNet together, epsilon loss with Min-SNR-5 weighting, 10% captions dropped"
-        f" for guidance, EMA {config['ema_decay']}",
-        "small": "small UNet from scratch: MSE to the large UNet's prediction plus the epsilon loss (output"
+        "large": f"text encoder and large UNet together, {_LOSSES[config.get('schedule', 'stable-diffusion')]},"
+        f" 10% captions dropped for guidance, EMA {config['ema_decay']}",
+        "small": "small UNet from scratch: MSE to the large UNet's prediction plus the diffusion loss (output"
         " distillation), frozen text encoder",
         "tiny": "AutoencoderTiny: decoder to the VAE decoder's and the real images (L1), encoder to the VAE's scaled"
         " means (MSE)",

@@ -121,8 +121,8 @@ def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 class LatentBatches:
-    """Noised latent batches with their token ids (a tenth of captions dropped) and the noise added; step
-    ``s``'s batch depends on ``seed`` and ``s`` alone."""
+    """Noised latent batches with their token ids (a tenth of captions dropped) and what the UNet is to predict
+    (the noise added, or v); step ``s``'s batch depends on ``seed`` and ``s`` alone."""
 
     def __init__(
         self,
@@ -137,10 +137,10 @@ class LatentBatches:
         self.run, self.seed = run, seed
         self.means, self.stds, self.scaling_factor = means, stds, scaling_factor
         self.ids, self.empty_ids = ids.to(run.device), empty_ids.to(run.device)
-        self.noise_scheduler = DDPMScheduler(**pair_models.SCHEDULE)
+        self.noise_scheduler = DDPMScheduler(**pair_models.SCHEDULES[run.config.schedule])
 
     def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, timesteps, token ids, noise) of step ``step``."""
+        """(noisy latents, timesteps, token ids, prediction target) of step ``step``."""
         index = batch_at(len(self.means), self.run.config.batch_size, step, self.seed).to(self.means.device)
         g = step_generator(self.seed, step)
         device = self.run.device
@@ -151,11 +151,18 @@ class LatentBatches:
         timesteps = timesteps.to(device)
         drop = (torch.rand(len(index), generator=g) < DROP_CAPTION).to(device)
         ids = torch.where(drop[:, None], self.empty_ids, self.ids[index])
-        return self.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, ids, noise
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return noisy, timesteps, ids, self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, ids, noise
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma weights for epsilon prediction."""
+        """Min-SNR-gamma loss weights: the weight of the error in the predicted latents, SNR for epsilon and
+        SNR + 1 for v, capped at gamma (+ 1). Capping SNR itself, as diffusers' examples do for v, would give
+        the zero-SNR step, where only the caption says where things go, no weight at all."""
         snr = compute_snr(self.noise_scheduler, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return torch.clamp(snr + 1, max=MIN_SNR_GAMMA + 1) / (snr + 1)
         return torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
 
 
@@ -168,10 +175,10 @@ def train_large(run: Run, data: LatentBatches, text_encoder, unet) -> dict:
     modules = torch.nn.ModuleList([text_encoder, unet]).train()
 
     def loss_fn(step: int) -> torch.Tensor:
-        noisy, timesteps, ids, noise = data.at(step)
+        noisy, timesteps, ids, target = data.at(step)
         with run.autocast():
             prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        return weighted_mse(prediction, noise, data.weights(timesteps))
+        return weighted_mse(prediction, target, data.weights(timesteps))
 
     stats = run.stage("large", run.config.large_steps, loss_fn, modules, run.config.large_lr, ema=True)
     modules.eval()
@@ -179,18 +186,18 @@ def train_large(run: Run, data: LatentBatches, text_encoder, unet) -> dict:
 
 
 def train_small(run: Run, data: LatentBatches, text_encoder, teacher, student) -> dict:
-    """The small UNet from the large one's predictions (output distillation) plus the epsilon loss."""
+    """The small UNet from the large one's predictions (output distillation) plus the diffusion loss."""
     student.train()
 
     def loss_fn(step: int) -> torch.Tensor:
-        noisy, timesteps, ids, noise = data.at(step)
+        noisy, timesteps, ids, target = data.at(step)
         with run.autocast():
             with torch.no_grad():
                 context = text_encoder(ids)[0]
-                target = teacher(noisy, timesteps, context).sample.float()
+                teacher_prediction = teacher(noisy, timesteps, context).sample.float()
             prediction = student(noisy, timesteps, context).sample
         weights = data.weights(timesteps)
-        return weighted_mse(prediction, target, weights) + weighted_mse(prediction, noise, weights)
+        return weighted_mse(prediction, teacher_prediction, weights) + weighted_mse(prediction, target, weights)
 
     stats = run.stage("small", run.config.small_steps, loss_fn, student, run.config.small_lr, ema=True)
     student.eval()
@@ -264,7 +271,7 @@ def train(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=large,
-        scheduler=pair_models.build_scheduler(),
+        scheduler=pair_models.build_scheduler(config.schedule),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,0 +1,101 @@
+"""Does a shapes pair's large model place its shapes where the caption says, or where the seed says? The large
+model alone (diffusers' own pipeline, full VAE) draws the same two shapes under each of the four relations, seed
+by seed. A model that reads the layout out of its starting noise draws one layout per seed whatever the relation:
+the pair trained on Stable Diffusion's noise schedule did, for every seed (``TrainConfig.schedule``).
+
+    .venv/bin/python benchmarks/shapes_layout.py --pairs hybrid_sd/shapes/pair,out/pair-v3/pair --seeds 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hybrid_sd.pairs import load_pipeline
+from hybrid_sd.shapes.adherence import detect
+from hybrid_sd.shapes.dataset import RELATIONS
+from hybrid_sd.shapes_pair.evaluate import diffusers_large_alone
+from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
+
+STEPS = 20
+RESULTS = Path(__file__).parent / "results" / "shapes_layout.json"
+# (first shape, second shape): distinct colours, so that each is found by its colour alone.
+SCENES = (
+    (("large", "red", "circle"), ("small", "blue", "square")),
+    (("small", "green", "triangle"), ("large", "yellow", "diamond")),
+    (("large", "purple", "square"), ("small", "black", "circle")),
+    (("small", "blue", "diamond"), ("large", "red", "triangle")),
+)
+
+
+def placement(image, first_color: str, second_color: str) -> tuple[bool, bool] | None:
+    """(first left of second, first above second) by the shapes' centroids; None unless both are found."""
+    found = {detection.color: detection.centroid for detection in detect(image)}
+    if first_color not in found or second_color not in found:
+        return None
+    (ax, ay), (bx, by) = found[first_color], found[second_color]
+    return ax < bx, ay < by
+
+
+def holds(where: tuple[bool, bool], relation: str) -> bool:
+    left, above = where
+    return {"to the left of": left, "to the right of": not left, "above": above, "below": not above}[relation]
+
+
+def measure(pair: Path, seeds: int, guidance: float) -> dict:
+    """Per relation, how often the layout holds it; and how often a seed gives one layout for all four."""
+    cloud = load_pipeline(str(pair / "cloud"), torch.float32)
+    cases = [(scene, relation) for scene in SCENES for relation in RELATIONS]
+    captions = [f"a {' '.join(first)} {relation} a {' '.join(second)}" for (first, second), relation in cases]
+    placements: dict[tuple[int, int], tuple[bool, bool] | None] = {}
+    for seed in tqdm(range(seeds), desc=f"{pair} seeds"):
+        images = diffusers_large_alone(cloud, captions, STEPS, guidance, seed)
+        for case, (((first, second), _), image) in enumerate(zip(cases, images, strict=True)):
+            placements[case, seed] = placement(image, first[1], second[1])
+    per_relation = {}
+    for relation in RELATIONS:
+        found = [
+            holds(where, relation)
+            for (case, _), where in placements.items()
+            if cases[case][1] == relation and where is not None
+        ]
+        per_relation[relation] = sum(found) / len(found) if found else None
+    one_layout = []
+    for scene_index in range(len(SCENES)):
+        for seed in range(seeds):
+            layouts = [placements[scene_index * len(RELATIONS) + r, seed] for r in range(len(RELATIONS))]
+            if None not in layouts:
+                one_layout.append(len(set(layouts)) == 1)
+    return {
+        "pair": str(pair),
+        "relation_holds": per_relation,
+        "same_layout_for_every_relation": sum(one_layout) / len(one_layout) if one_layout else None,
+        "both_found": sum(where is not None for where in placements.values()) / len(placements),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", default="hybrid_sd/shapes/pair", help="comma-separated shapes pair folders")
+    parser.add_argument("--seeds", type=int, default=16, help="seeds per caption (0 to N-1)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale")
+    args = parser.parse_args()
+    rows = [measure(Path(pair), args.seeds, args.guidance) for pair in args.pairs.split(",")]
+    print(f"large model alone, {len(SCENES)} pairs of shapes x {len(RELATIONS)} relations x {args.seeds} seeds,")
+    print(f"{STEPS} steps, guidance {args.guidance}; relation by centroids, over images where both shapes are found")
+    print("pair | " + " | ".join(RELATIONS) + " | one layout for all four relations | both found")
+    for row in rows:
+        held = " | ".join(f"{row['relation_holds'][relation]:.2f}" for relation in RELATIONS)
+        print(f"{row['pair']} | {held} | {row['same_layout_for_every_relation']:.2f} | {row['both_found']:.2f}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"steps": STEPS, "guidance": args.guidance, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
