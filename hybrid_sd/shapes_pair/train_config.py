@@ -26,8 +26,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     warmup_steps: int = 100
     precision: str = "bf16"  # of the forward passes: bf16 autocast (1.1x float32 on this CPU) or fp32
-    schedule: str = "zero-terminal-snr"  # the noise schedule (pair_models.SCHEDULES)
+    schedule: str = "stable-diffusion"  # the noise schedule (pair_models.SCHEDULES)
 
 
 PRECISIONS = ("bf16", "fp32")
-SCHEDULE_NAMES = ("zero-terminal-snr", "stable-diffusion")  # pair_models.SCHEDULES' keys, without importing torch
+SCHEDULE_NAMES = ("stable-diffusion", "zero-terminal-snr")  # pair_models.SCHEDULES' keys, without importing torch
