@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
-from hybrid_sd.shapes_pair.pair_models import SCHEDULES
-from hybrid_sd.shapes_pair.train_config import TrainConfig
+from hybrid_sd.shapes_pair.train_config import SCHEDULES, TrainConfig
 from hybrid_sd.shapes_pair.train_pair import LatentBatches, Run, train
 from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
 

@@ -9,6 +9,7 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from hybrid_sd.shapes.dataset import vocabulary
+from hybrid_sd.shapes_pair.train_config import SCHEDULES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 32  # the longest caption (three shapes) is 20 tokens with BOS and EOS
@@ -16,22 +17,6 @@ TEXT_WIDTH = 128
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16  # 64x64 images, a 4x down-sampling VAE
 IMAGE_SIZE = 64
-# steps_offset as Stable Diffusion's pipelines require it (they rewrite any other); "trailing" spacing ignores it.
-_SD_BETAS = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-)
-# The noise schedules train-shapes can train on (``TrainConfig.schedule``). Stable Diffusion's keeps 0.0047 of the
-# latents' signal at its last timestep: over a 16x16 latent enough for a model to read the layout out of the
-# starting noise (the pair trained on it drew one layout per seed whatever relation the caption stated). Rescaled to
-# zero terminal SNR (Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed") the last step
-# holds no signal, so the model predicts v and sampling starts at that step ("trailing"). docs/design.md, "Training
-# the shapes pair", has what each gave.
-SCHEDULES: dict[str, dict] = {
-    "zero-terminal-snr": dict(
-        _SD_BETAS, rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
-    ),
-    "stable-diffusion": dict(_SD_BETAS, prediction_type="epsilon"),
-}
 # The guidance a request that names none gets. Stable Diffusion's 7.5 over-saturates these colours: on the 64
 # held-out captions the shipped large model alone binds colour 0.72 at 7.5 and 0.94 at 5
 # (benchmarks/shapes_guidance.py).

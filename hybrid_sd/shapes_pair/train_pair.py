@@ -26,7 +26,7 @@ from tqdm import tqdm
 from hybrid_sd.shapes.dataset import ShapesDataset
 from hybrid_sd.shapes_pair import pair_models
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
-from hybrid_sd.shapes_pair.train_config import TrainConfig
+from hybrid_sd.shapes_pair.train_config import SCHEDULES, TrainConfig
 from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
 
 DROP_CAPTION = 0.1  # captions replaced by "" in training, for classifier-free guidance
@@ -137,7 +137,7 @@ class LatentBatches:
         self.run, self.seed = run, seed
         self.means, self.stds, self.scaling_factor = means, stds, scaling_factor
         self.ids, self.empty_ids = ids.to(run.device), empty_ids.to(run.device)
-        self.noise_scheduler = DDPMScheduler(**pair_models.SCHEDULES[run.config.schedule])
+        self.noise_scheduler = DDPMScheduler(**SCHEDULES[run.config.schedule])
 
     def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents, timesteps, token ids, prediction target) of step ``step``."""
