@@ -87,7 +87,6 @@ class SwitchChoice:
     predicted_latency_s: float  # end-to-end, from the live step costs and queue
     quality: float | None  # the profile's quality (adherence) at switch_step, where it has one
     reason: str  # why this k: e.g. "meets target", "fastest", "cloud down"
-    safety: float = 1.0  # the calibration factor predicted_latency_s includes (CostModel.safety); not on the wire
 
 
 @dataclass

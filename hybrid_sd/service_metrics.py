@@ -26,7 +26,7 @@ SWITCH_INPUTS = {
     "edge_occupancy": "Requests a new one would share each edge UNet call with (itself included)",
     "edge_step_seconds": "Estimated seconds of an edge step at that occupancy (NaN: not yet known)",
     "overhead_seconds": "Estimated seconds of a split request besides denoising: prompt, handoff, calls, decode",
-    "safety_factor": "What predictions are multiplied by: the 90th percentile of recent measured/predicted latency",
+    "safety_factor": "What predictions are multiplied by, adapted so that 95% of chosen requests finish within theirs",
     "chosen_switch_step": "The switch step the policy chose last (NaN: none yet)",
 }
 

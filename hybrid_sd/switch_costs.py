@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 from hybrid_sd.results import GenerationResult
@@ -15,9 +14,13 @@ EWMA_WEIGHT = 0.3  # the newest measurement's weight in each estimate
 # counted as overhead would keep the cloud looking slow long after a burst, for nothing measures it again
 # while the policy avoids the cloud.
 OVERHEAD_STAGES = ("encode_prompt", "handoff_encode", "handoff_decode", "vae_decode")
-# Predictions are scaled so that this share of the recent chosen requests would have finished within them.
-LATENESS_QUANTILE = 0.9
-LATENESS_WINDOW = 20  # chosen requests remembered for it
+# Predictions are scaled by a factor adapted online so that this share of chosen requests finish within their
+# prediction (adaptive conformal inference, Gibbs and Candes 2021): each one late multiplies it by
+# exp(RATE * COVERAGE), each one on time by exp(-RATE * (1 - COVERAGE)), so it settles where one in
+# 1 / (1 - COVERAGE) is late. A burst raises it a step per late request, not to its worst ratio at once.
+COVERAGE = 0.95
+CALIBRATION_RATE = 0.1
+SAFETY_RANGE = (0.5, 4.0)  # below 1: the model has been pessimistic (e.g. the profile's cold-start costs)
 
 
 @dataclass
@@ -126,13 +129,13 @@ class CostModel:
     """Seconds per part of a generation, each an exponentially weighted estimate: ``cloud`` and ``edge``
     denoising (:class:`SideCosts`) and the ``overhead`` a request computes besides denoising: prompt
     encoding, the decode and, where the cloud takes part, the handoff's encoding and decoding
-    (``overhead[True]``; edge alone: ``overhead[False]``). ``lateness`` calibrates the
-    predictions: the measured over the predicted latency of the last chosen requests (see :meth:`safety`)."""
+    (``overhead[True]``; edge alone: ``overhead[False]``). ``safety`` calibrates the predictions: what they
+    are multiplied by, adapted to how many chosen requests finished within theirs (``COVERAGE``)."""
 
     cloud: SideCosts = field(default_factory=SideCosts)
     edge: SideCosts = field(default_factory=SideCosts)
     overhead: dict[bool, Estimate] = field(default_factory=lambda: {False: Estimate(0.0), True: Estimate(0.0)})
-    lateness: deque[float] = field(default_factory=lambda: deque(maxlen=LATENESS_WINDOW))
+    safety: float = 1.0
 
     @classmethod
     def seeded(cls, cloud_step: float, edge_step: float) -> CostModel:
@@ -150,20 +153,14 @@ class CostModel:
             self.cloud.observe(timings.get("cloud_denoise", 0.0), k, result.batch_sizes.get("cloud", []))
         choice = result.switch_choice
         if choice is not None and choice.predicted_latency_s > 0 and not result.edge_fallback:
-            self.lateness.append(timings.get("total", 0.0) / (choice.predicted_latency_s / choice.safety))
-
-    def safety(self) -> float:
-        """What a prediction is multiplied by so that most requests finish within it: the
-        ``LATENESS_QUANTILE`` of the recent chosen requests' measured over predicted latency, at least 1."""
-        if not self.lateness:
-            return 1.0
-        ordered = sorted(self.lateness)
-        return max(1.0, ordered[math.ceil(LATENESS_QUANTILE * len(ordered)) - 1])
+            late = timings.get("total", 0.0) > choice.predicted_latency_s
+            factor = self.safety * math.exp(CALIBRATION_RATE * (late - (1 - COVERAGE)))
+            self.safety = min(SAFETY_RANGE[1], max(SAFETY_RANGE[0], factor))
 
     def latency(self, k: int, steps: int, load: Load) -> float | None:
         """Predicted end-to-end seconds of ``k`` cloud steps of ``steps`` under ``load``: the overhead, plus
         for ``k > 0`` the cloud's wait and steps, plus for ``k < steps`` the edge's wait and steps, times
-        :meth:`safety`. None while a needed step cost is unknown."""
+        ``safety``. None while a needed step cost is unknown."""
         total = self.overhead[k > 0].value
         if k > 0:
             cloud = self.cloud.seconds(k, load.cloud_queued, load.cloud_slots)
@@ -175,4 +172,4 @@ class CostModel:
             if edge is None:
                 return None
             total += edge
-        return total * self.safety()
+        return total * self.safety

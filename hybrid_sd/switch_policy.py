@@ -88,7 +88,7 @@ class SwitchPolicy:
             k, reason = self._without_target(predicted, default, steps)
         quality = self.profile.quality_at(k, steps) if self.profile else None
         predicted_k = predicted[k] if predicted[k] is not None else 0.0
-        choice = SwitchChoice(k, predicted_k, quality, reason, self.costs.safety())
+        choice = SwitchChoice(k, predicted_k, quality, reason)
         shown = "n/a" if quality is None else f"{quality:.3f}"
         logger.info(
             "switch step %d of %d (%s): predicted %.3f s, quality %s; queued cloud %d, edge %d",
@@ -120,7 +120,7 @@ class SwitchPolicy:
             "edge_occupancy": edge_occupancy,
             "edge_step_seconds": _or_nan(self.costs.edge.step_at(edge_occupancy)),
             "overhead_seconds": _or_nan(self.costs.overhead[True].value),
-            "safety_factor": self.costs.safety(),
+            "safety_factor": self.costs.safety,
             "chosen_switch_step": math.nan if self.last is None else self.last.switch_step,
         }
 
