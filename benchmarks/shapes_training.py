@@ -20,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reporting import interleaved_times, print_table  # noqa: E402
 from hybrid_sd.shapes_pair import pair_models  # noqa: E402
+from hybrid_sd.shapes_pair.train_config import TrainConfig  # noqa: E402
 
 
 def large_stage_step(batch_size: int, precision: str, channels_last: bool):
     """One optimiser step of the large stage on fixed random inputs, as a callable."""
     torch.manual_seed(0)
     tokenizer = pair_models.build_tokenizer()
-    text_encoder = pair_models.build_text_encoder(len(tokenizer)).train()
+    text_encoder = pair_models.build_text_encoder(TrainConfig.text_encoder, len(tokenizer)).train()
     unet = pair_models.build_large_unet().train()
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)

@@ -41,14 +41,16 @@ class SideCosts:
 
     - ``step[b]``: seconds of one denoising step whose UNet calls held ``b`` requests;
     - ``steps``: the steps recent requests ran on this side, how long each holds a place in a batch;
-    - ``occupancy_seen``: the mean batch size recent requests' steps ran at, which counts the requests that
-      joined while they ran, as a new one's will be joined;
+    - ``outstanding_seen``: the calls outstanding here as the recent choices found them; arrivals at random
+      see the time average (PASTA), so this counts the requests a new one will share its batches with, those
+      that join while it runs included. Sampled at every choice, it cannot go stale while requests come, as a
+      mean of past batch sizes does when the policy stops sending requests to this side;
     - ``largest_batch``: the most requests seen in one UNet call, the lane's capacity as far as anything has
       shown it (1 until batching is seen)."""
 
     step: dict[int, Estimate] = field(default_factory=dict)
     steps: Estimate = field(default_factory=Estimate)
-    occupancy_seen: Estimate = field(default_factory=lambda: Estimate(1.0))
+    outstanding_seen: Estimate = field(default_factory=lambda: Estimate(0.0))
     largest_batch: int = 1
 
     @classmethod
@@ -61,7 +63,6 @@ class SideCosts:
         sizes = batch_sizes or [1]
         mean_size = sum(sizes) / len(sizes)
         self.step.setdefault(max(1, round(mean_size)), Estimate()).update(seconds / steps)
-        self.occupancy_seen.update(mean_size)
         self.largest_batch = max(self.largest_batch, *sizes)
         self.steps.update(steps)
 
@@ -90,11 +91,11 @@ class SideCosts:
 
     def occupancy(self, queued: int, slots: int) -> int:
         """Requests a new one would share each UNet call with (itself included): the ``queued`` calls and it,
-        spread over ``slots`` lanes, or the occupancy recent requests ran at if more (under a steady load the
-        calls outstanding now are fewer than those a request meets while it runs), up to the largest batch
-        seen."""
+        spread over ``slots`` lanes, or as many as the choices have found on average if more (under a steady
+        load a request meets more than are outstanding when it arrives), up to the largest batch seen."""
         now = math.ceil((queued + 1) / slots)
-        return min(self.largest_batch, max(now, round(self.occupancy_seen.value)))
+        usual = round((self.outstanding_seen.value + 1) / slots)
+        return min(self.largest_batch, max(now, usual))
 
     def queue_wait(self, queued: int, slots: int, default_steps: float) -> float:
         """Expected seconds before a new call starts: the calls beyond what the lanes' running batches hold
@@ -156,6 +157,11 @@ class CostModel:
             late = timings.get("total", 0.0) > choice.predicted_latency_s
             factor = self.safety * math.exp(CALIBRATION_RATE * (late - (1 - COVERAGE)))
             self.safety = min(SAFETY_RANGE[1], max(SAFETY_RANGE[0], factor))
+
+    def see(self, load: Load) -> None:
+        """Note the calls outstanding at each side as a choice finds them."""
+        self.cloud.outstanding_seen.update(load.cloud_queued)
+        self.edge.outstanding_seen.update(load.edge_queued)
 
     def latency(self, k: int, steps: int, load: Load) -> float | None:
         """Predicted end-to-end seconds of ``k`` cloud steps of ``steps`` under ``load``: the overhead, plus

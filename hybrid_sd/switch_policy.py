@@ -76,6 +76,7 @@ class SwitchPolicy:
         steps = request.num_inference_steps
         default = round(DEFAULT_SWITCH_FRACTION * steps)
         load = self.load()
+        self.costs.see(load)
         down = self.cloud_down()
         predicted = {k: self.costs.latency(k, steps, load) for k in range(steps + 1)}
         if down is not None:

@@ -5,10 +5,11 @@ only continued with the settings it was started with."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
@@ -108,6 +109,14 @@ def test_a_checkpoint_folder_is_only_continued_with_its_own_settings(tmp_path):
     with pytest.raises(ValueError, match=r"--resume: .* other settings: \['large_lr'\]"):
         checkpoints.start(dataclasses.replace(TINY, large_lr=1e-3), resume=True)
     checkpoints.start(TINY, resume=True)
+    # A run started before a setting existed used its default: it resumes with that, not with another value.
+    run_file = tmp_path / "checkpoints" / "run.json"
+    started = json.loads(run_file.read_text())
+    del started["text_encoder"]
+    run_file.write_text(json.dumps(started))
+    checkpoints.start(TINY, resume=True)
+    with pytest.raises(ValueError, match=r"other settings: \['text_encoder'\]"):
+        checkpoints.start(dataclasses.replace(TINY, text_encoder="t5"), resume=True)
     with pytest.raises(ValueError, match="--resume: needs --checkpoints"):
         Checkpoints(None).start(TINY, resume=True)
 
@@ -158,3 +167,23 @@ def test_the_schedule_decides_the_target_and_the_weights_and_is_saved_with_the_p
     assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
     saved = DPMSolverMultistepScheduler.from_pretrained(out / "cloud" / "scheduler").config
     assert {name: saved[name] for name in SCHEDULES[schedule]} == SCHEDULES[schedule]
+
+
+@pytest.mark.parametrize(("kind", "sees_what_follows"), [("clip", False), ("t5", True)])
+def test_the_text_encoder_kind_decides_whether_a_word_sees_the_relation_after_it(kind, sees_what_follows, tmp_path):
+    """CLIP's encoder is causal: the first shape's words encode the same whatever relation follows them. T5's
+    is bidirectional: they encode the relation too. Either way the pair loads as a StableDiffusionPipeline."""
+    out = tmp_path / "trained"
+    flags = ["--images", "64", "--batch-size", "8", "--vae-crop-steps", "1", "--vae-full-steps", "1"]
+    flags += ["--large-steps", "1", "--warmup-steps", "1", "--text-encoder", kind]
+    assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(out / "cloud", safety_checker=None, dtype=torch.float32)
+    assert type(pipeline.text_encoder).__name__ == {"clip": "CLIPTextModel", "t5": "T5EncoderModel"}[kind]
+    embeddings = {
+        relation: pipeline.encode_prompt(f"a large red circle {relation} a small blue square", "cpu", 1, False)[0]
+        for relation in ("above", "below")
+    }
+    first_shape = slice(1, 5)  # BOS, then "a large red circle"
+    same = torch.equal(embeddings["above"][0, first_shape], embeddings["below"][0, first_shape])
+    assert same != sees_what_follows
+    assert not torch.equal(embeddings["above"][0, 5], embeddings["below"][0, 5])  # the relation's own token

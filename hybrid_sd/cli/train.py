@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from hybrid_sd.cli.arguments import quiet_libraries
-from hybrid_sd.shapes_pair.train_config import PRECISIONS, SCHEDULES, TrainConfig  # data only: no torch
+from hybrid_sd.shapes_pair.train_config import PRECISIONS, SCHEDULES, TEXT_ENCODERS, TrainConfig  # data: no torch
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
@@ -16,7 +16,8 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train-shapes", help="train the shapes pair (seeded), evaluate it, write its card")
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
-        choices = {"precision": PRECISIONS, "schedule": tuple(SCHEDULES)}.get(field.name)
+        choices = {"precision": PRECISIONS, "schedule": tuple(SCHEDULES), "text_encoder": tuple(TEXT_ENCODERS)}
+        choices = choices.get(field.name)
         flag = f"--{field.name.replace('_', '-')}"
         train.add_argument(flag, type=type(field.default), default=field.default, choices=choices)
     train.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default: cpu)")

@@ -34,7 +34,8 @@ class Checkpoints:
         run_file = self.folder / RUN_FILE
         wanted = asdict(config)
         if run_file.exists():
-            found = json.loads(run_file.read_text())
+            # A setting added since the run started counts as its default, which that run used.
+            found = asdict(TrainConfig()) | json.loads(run_file.read_text())
             if not resume:
                 raise ValueError(
                     f"--checkpoints: {self.folder} holds a run already; pass --resume to continue it,"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, gap_recovered
+from hybrid_sd.shapes_pair.train_config import TEXT_ENCODERS
 
 TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
 MAKE_COMMAND = "bash scripts/make_shapes_pair.sh out/shapes-pair"  # the edge made by hybrid-sd compress
@@ -19,7 +20,7 @@ def _percent(share: float | None) -> str:
     return "none (no gap)" if share is None else f"{100 * share:.0f}%"
 
 
-def _architecture_table(evaluation: dict) -> list[str]:
+def _architecture_table(evaluation: dict, config: dict) -> list[str]:
     costs, sizes, bundle = evaluation["costs"], evaluation["bytes"], evaluation.get("edge_bundle")
     edge = ("small UNet (edge)", "UNet2DConditionModel, channels 32/48/64, attention at 8², 4²")
     tiny = "AutoencoderTiny (TAESD blocks), 16 channels, blocks 3/2/1"
@@ -34,7 +35,7 @@ def _architecture_table(evaluation: dict) -> list[str]:
         (*edge, "small_unet"),
         ("VAE decoder", "AutoencoderKL, channels 16/32/64, 4x down-sampling, 4 latent channels", "vae_decoder"),
         ("tiny decoder (edge)", tiny, "tiny_decoder"),
-        ("text encoder (shared)", "CLIPTextModel, width 128, 3 layers, 4 heads, 32 tokens", "text_encoder"),
+        ("text encoder (shared)", TEXT_ENCODERS[config.get("text_encoder", "clip")], "text_encoder"),
     ]
     lines = ["| model | architecture | parameters | MFLOPs per call (batch 1) |", "| --- | --- | --- | --- |"]
     for name, architecture, key in rows:
@@ -190,7 +191,7 @@ def write_model_card(pair_dir: Path) -> Path:
         "",
         "## Models",
         "",
-        *_architecture_table(evaluation),
+        *_architecture_table(evaluation, training["config"]),
         "",
         "## Training",
         "",

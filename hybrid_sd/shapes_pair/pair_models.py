@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, AutoencoderTiny, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from hybrid_sd.shapes.dataset import vocabulary
 from hybrid_sd.shapes_pair.train_config import SCHEDULES
@@ -48,7 +48,23 @@ def build_tokenizer() -> CLIPTokenizer:
                 vocab.setdefault(merged, len(vocab))
 
 
-def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+def build_text_encoder(kind: str, vocab_size: int) -> CLIPTextModel | T5EncoderModel:
+    """The shared text encoder of ``kind`` (train_config.TEXT_ENCODERS): CLIP's or T5's."""
+    if kind == "t5":
+        return T5EncoderModel(
+            T5Config(
+                vocab_size=vocab_size,
+                d_model=TEXT_WIDTH,
+                d_kv=TEXT_WIDTH // 4,
+                d_ff=4 * TEXT_WIDTH,
+                num_layers=3,
+                num_heads=4,
+                dropout_rate=0.0,  # as CLIP's: a run stays a function of its seed and step
+                pad_token_id=1,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
     return CLIPTextModel(
         CLIPTextConfig(
             hidden_size=TEXT_WIDTH,

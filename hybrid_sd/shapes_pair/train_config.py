@@ -27,9 +27,18 @@ class TrainConfig:
     warmup_steps: int = 100
     precision: str = "bf16"  # of the forward passes: bf16 autocast (1.1x float32 on this CPU) or fp32
     schedule: str = "stable-diffusion"  # the noise schedule (SCHEDULES)
+    text_encoder: str = "clip"  # the text encoder's kind (TEXT_ENCODERS)
 
 
 PRECISIONS = ("bf16", "fp32")
+
+# The text encoders train-shapes can train (``TrainConfig.text_encoder``), as the model card states them; both
+# width 128, 3 layers, 4 heads. CLIP's is causal as in Stable Diffusion: the first shape's words cannot see the
+# relation stated after them. T5's encoder is bidirectional: every token sees the whole caption.
+TEXT_ENCODERS: dict[str, str] = {
+    "clip": "CLIPTextModel (causal), width 128, 3 layers, 4 heads, 32 tokens",
+    "t5": "T5EncoderModel (bidirectional, relative positions), width 128, 3 layers, 4 heads, 32 tokens",
+}
 
 # steps_offset as Stable Diffusion's pipelines require it (they rewrite any other); "trailing" spacing ignores it.
 _SD_BETAS = dict(
