@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hybrid_sd.pairs import embedded_spec, load_pipeline
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.shapes.adherence import detect, score
+from hybrid_sd.shapes.adherence import centroids_in_relation, detect, score
 from hybrid_sd.shapes.dataset import RELATIONS
 from hybrid_sd.shapes_pair.evaluate import diffusers_large_alone
 from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
@@ -38,18 +38,13 @@ SCENES = (
 )
 
 
-def placement(image, first_color: str, second_color: str) -> tuple[bool, bool] | None:
-    """(first left of second, first above second) by the shapes' centroids; None unless both are found."""
-    found = {detection.color: detection.centroid for detection in detect(image)}
+def placement(image, first_color: str, second_color: str) -> tuple[bool, ...] | None:
+    """Which relations the first shape stands in to the second (in RELATIONS' order), by the scorer's rule;
+    None unless both are found."""
+    found = {detection.color: detection for detection in detect(image)}
     if first_color not in found or second_color not in found:
         return None
-    (ax, ay), (bx, by) = found[first_color], found[second_color]
-    return ax < bx, ay < by
-
-
-def holds(where: tuple[bool, bool], relation: str) -> bool:
-    left, above = where
-    return {"to the left of": left, "to the right of": not left, "above": above, "below": not above}[relation]
+    return tuple(centroids_in_relation(found[first_color], found[second_color], relation) for relation in RELATIONS)
 
 
 def measure(pair: Path, seeds: int, guidance: float) -> dict:
@@ -57,7 +52,7 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
     cloud = load_pipeline(str(pair / "cloud"), torch.float32)
     cases = [(scene, relation) for scene in SCENES for relation in RELATIONS]
     captions = [f"a {' '.join(first)} {relation} a {' '.join(second)}" for (first, second), relation in cases]
-    placements: dict[tuple[int, int], tuple[bool, bool] | None] = {}
+    placements: dict[tuple[int, int], tuple[bool, ...] | None] = {}
     for seed in tqdm(range(seeds), desc=f"{pair} seeds"):
         images = diffusers_large_alone(cloud, captions, STEPS, guidance, seed)
         for case, (((first, second), _), image) in enumerate(zip(cases, images, strict=True)):
@@ -65,7 +60,7 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
     per_relation = {}
     for relation in RELATIONS:
         found = [
-            holds(where, relation)
+            where[RELATIONS.index(relation)]
             for (case, _), where in placements.items()
             if cases[case][1] == relation and where is not None
         ]

@@ -223,7 +223,7 @@ def _describe(
     return Detection(kind, _COLOR_NAMES[color], size, (float(xs.mean()), float(ys.mean())), len(ys))
 
 
-def _relation_holds(a: Detection, b: Detection, relation: str) -> bool:
+def centroids_in_relation(a: Detection, b: Detection, relation: str) -> bool:
     """Whether detection `a`'s centroid stands in `relation` to `b`'s."""
     (ax, ay), (bx, by) = a.centroid, b.centroid
     return {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
@@ -249,7 +249,7 @@ def score(image: Image.Image, caption: str) -> AdherenceScore:
         holds = (
             stated.relation is not None
             and None not in assignment
-            and _relation_holds(candidates[assignment[0]], candidates[assignment[1]], stated.relation)
+            and centroids_in_relation(candidates[assignment[0]], candidates[assignment[1]], stated.relation)
         )
         if sum(agree) + holds > best_total:
             best_total, best_agree, best_holds = sum(agree) + holds, agree, holds
