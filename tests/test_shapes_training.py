@@ -127,6 +127,7 @@ def test_a_checkpoint_folder_is_only_continued_with_its_own_settings(tmp_path):
         (["--device", "cuda:7"], "cuda:7"),
         (["--checkpoint-minutes", "0"], "--checkpoint-minutes"),
         (["--precision", "fp8"], "--precision"),
+        (["--cloud-only"], "--sweep-out: not with --cloud-only"),
     ],
 )
 def test_train_shapes_refuses_bad_run_options_naming_them(tmp_path, capsys, flags, message):

@@ -56,6 +56,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
     output_folder(args.out)  # all before an hour of training
+    if args.cloud_only and args.sweep_out is not None:
+        raise ValueError("--sweep-out: not with --cloud-only, which evaluates nothing (see evaluate-shapes)")
     if not args.cloud_only:
         if args.sweep_out is None:
             raise ValueError("--sweep-out: required (the folder of the evaluation sweep) unless --cloud-only")
