@@ -2,8 +2,9 @@
 model alone (diffusers' own pipeline, full VAE) draws the same two shapes under each of the four relations, seed
 by seed. A model that reads the layout out of its starting noise draws one layout per seed whatever the relation:
 the shipped pair, trained on Stable Diffusion's noise schedule, does for 93% of them (``TrainConfig.schedule``).
-Then the README's first prompt as ``cluster up --generate`` draws it (the hybrid at the default request: 25 steps,
-k = 10), seeds 0 to 9: how many are right in every attribute by the scorer.
+Then the README's first prompt as ``cluster up --generate`` draws it (the hybrid at the default request), seeds
+0 to 9: how many are right in every attribute by the scorer; not for a folder without an edge (``train-shapes
+--cloud-only``), whose large model alone is measured.
 
     .venv/bin/python benchmarks/shapes_layout.py --pairs hybrid_sd/shapes/pair,out/pair-v3/pair --seeds 8
 """
@@ -19,10 +20,10 @@ from tqdm import tqdm
 
 from hybrid_sd.pairs import embedded_spec, load_pipeline
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.request import GenerationRequest
+from hybrid_sd.request import DEFAULT_SWITCH_FRACTION, GenerationRequest
 from hybrid_sd.shapes.adherence import centroids_in_relation, detect, score
 from hybrid_sd.shapes.dataset import RELATIONS
-from hybrid_sd.shapes_pair.evaluate import diffusers_large_alone
+from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, diffusers_large_alone
 from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
 
 STEPS = 20
@@ -58,11 +59,9 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
         for case, (((first, second), _), image) in enumerate(zip(cases, images, strict=True)):
             placements[case, seed] = placement(image, first[1], second[1])
     per_relation = {}
-    for relation in RELATIONS:
+    for index, relation in enumerate(RELATIONS):
         found = [
-            where[RELATIONS.index(relation)]
-            for (case, _), where in placements.items()
-            if cases[case][1] == relation and where is not None
+            where[index] for (case, _), where in placements.items() if cases[case][1] == relation and where is not None
         ]
         per_relation[relation] = sum(found) / len(found) if found else None
     one_layout = []
@@ -80,15 +79,17 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
     }
 
 
-def readme_prompt(pair: Path) -> dict:
+def readme_prompt(pair: Path) -> dict | None:
     """README_PROMPT through the hybrid at the default request, seeds 0 to README_SEEDS - 1: the seeds right in
-    every attribute, and each attribute's mean."""
-    hybrid = HybridPipeline.from_pair(embedded_spec(pair))
+    every attribute, and each attribute's mean; None for a pair folder without an edge."""
+    spec = embedded_spec(pair)
+    if not Path(spec.edge).exists():
+        return None
+    hybrid = HybridPipeline.from_pair(spec)
     scores = [
         score(hybrid(GenerationRequest(README_PROMPT, seed=seed)).image, README_PROMPT) for seed in range(README_SEEDS)
     ]
-    attributes = ("count", "color", "shape", "size", "relation")
-    means = {name: sum(getattr(s, name) for s in scores) / len(scores) for name in attributes}
+    means = {name: sum(getattr(s, name) for s in scores) / len(scores) for name in ATTRIBUTES if name != "overall"}
     return {"fully_right": sum(s.overall == 1.0 for s in scores), "seeds": len(scores), **means}
 
 
@@ -101,11 +102,15 @@ def main() -> None:
     rows = [measure(Path(pair), args.seeds, args.guidance) for pair in args.pairs.split(",")]
     print(f"large model alone, {len(SCENES)} pairs of shapes x {len(RELATIONS)} relations x {args.seeds} seeds,")
     print(f"{STEPS} steps, guidance {args.guidance}; relation by centroids, over images where both shapes are found")
-    print(f"and {README_PROMPT!r} through the hybrid (25 steps, k = 10), seeds 0-{README_SEEDS - 1}: fully right")
+    steps = GenerationRequest(README_PROMPT).num_inference_steps
+    hybrid = f"{steps} steps, k = {round(DEFAULT_SWITCH_FRACTION * steps)}"
+    print(f"and {README_PROMPT!r} through the hybrid ({hybrid}), seeds 0-{README_SEEDS - 1}: fully right")
     print("pair | " + " | ".join(RELATIONS) + " | one layout for all four relations | both found | README prompt")
     for row in rows:
         held = " | ".join(f"{row['relation_holds'][relation]:.2f}" for relation in RELATIONS)
-        readme = f"{row['readme_prompt']['fully_right']} of {README_SEEDS}"
+        readme = (
+            "no edge" if row["readme_prompt"] is None else f"{row['readme_prompt']['fully_right']} of {README_SEEDS}"
+        )
         print(
             f"{row['pair']} | {held} | {row['same_layout_for_every_relation']:.2f} | {row['both_found']:.2f} | {readme}"
         )

@@ -12,6 +12,7 @@ from hybrid_sd.lane import ProgressCallback
 from hybrid_sd.orchestrate import Generate
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.results import STAGES, CallOptions, GenerationResult
+from hybrid_sd.switch_costs import COVERAGE
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 SWITCH_STEP_BUCKETS = (0, 1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 100)
@@ -26,7 +27,8 @@ SWITCH_INPUTS = {
     "edge_occupancy": "Requests a new one would share each edge UNet call with (itself included)",
     "edge_step_seconds": "Estimated seconds of an edge step at that occupancy (NaN: not yet known)",
     "overhead_seconds": "Estimated seconds of a split request besides denoising: prompt, handoff, calls, decode",
-    "safety_factor": "What predictions are multiplied by, adapted so that 95% of chosen requests finish within theirs",
+    "safety_factor": f"What predictions are multiplied by, adapted so that {COVERAGE:.0%} of chosen requests finish"
+    " within theirs",
     "chosen_switch_step": "The switch step the policy chose last (NaN: none yet)",
 }
 

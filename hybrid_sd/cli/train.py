@@ -10,16 +10,17 @@ from pathlib import Path
 from hybrid_sd.cli.arguments import quiet_libraries
 from hybrid_sd.shapes_pair.train_config import PRECISIONS, SCHEDULES, TEXT_ENCODERS, TrainConfig  # data: no torch
 
+# The TrainConfig fields whose values are names to choose from.
+FIELD_CHOICES = {"precision": PRECISIONS, "schedule": tuple(SCHEDULES), "text_encoder": tuple(TEXT_ENCODERS)}
+
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``train-shapes`` and ``evaluate-shapes`` to the ``hybrid-sd`` subcommands."""
     train = commands.add_parser("train-shapes", help="train the shapes pair (seeded), evaluate it, write its card")
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
-        choices = {"precision": PRECISIONS, "schedule": tuple(SCHEDULES), "text_encoder": tuple(TEXT_ENCODERS)}
-        choices = choices.get(field.name)
         flag = f"--{field.name.replace('_', '-')}"
-        train.add_argument(flag, type=type(field.default), default=field.default, choices=choices)
+        train.add_argument(flag, type=type(field.default), default=field.default, choices=FIELD_CHOICES.get(field.name))
     train.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default: cpu)")
     train.add_argument(
         "--checkpoints", type=Path, help="folder for stage checkpoints, written every --checkpoint-minutes"
@@ -56,11 +57,12 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(**{field.name: getattr(args, field.name) for field in fields(TrainConfig)})
     output_folder(args.out)  # all before an hour of training
-    if args.cloud_only and args.sweep_out is not None:
-        raise ValueError("--sweep-out: not with --cloud-only, which evaluates nothing (see evaluate-shapes)")
-    if not args.cloud_only:
-        if args.sweep_out is None:
-            raise ValueError("--sweep-out: required (the folder of the evaluation sweep) unless --cloud-only")
+    if args.cloud_only:
+        if args.sweep_out is not None:
+            raise ValueError("--sweep-out: not with --cloud-only, which evaluates nothing (see evaluate-shapes)")
+    elif args.sweep_out is None:
+        raise ValueError("--sweep-out: required (the folder of the evaluation sweep) unless --cloud-only")
+    else:
         output_folder(args.sweep_out, "--sweep-out")
     if args.checkpoint_minutes <= 0:
         raise ValueError(f"--checkpoint-minutes: must be positive, got {args.checkpoint_minutes}")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, gap_recovered
-from hybrid_sd.shapes_pair.train_config import TEXT_ENCODERS
+from hybrid_sd.shapes_pair.train_config import TEXT_ENCODERS, TrainConfig
 
 TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
 MAKE_COMMAND = "bash scripts/make_shapes_pair.sh out/shapes-pair"  # the edge made by hybrid-sd compress
@@ -35,7 +35,7 @@ def _architecture_table(evaluation: dict, config: dict) -> list[str]:
         (*edge, "small_unet"),
         ("VAE decoder", "AutoencoderKL, channels 16/32/64, 4x down-sampling, 4 latent channels", "vae_decoder"),
         ("tiny decoder (edge)", tiny, "tiny_decoder"),
-        ("text encoder (shared)", TEXT_ENCODERS[config.get("text_encoder", "clip")], "text_encoder"),
+        ("text encoder (shared)", TEXT_ENCODERS[config.get("text_encoder", TrainConfig.text_encoder)], "text_encoder"),
     ]
     lines = ["| model | architecture | parameters | MFLOPs per call (batch 1) |", "| --- | --- | --- | --- |"]
     for name, architecture, key in rows:
