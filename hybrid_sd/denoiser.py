@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from hybrid_sd import sampler_state
 from hybrid_sd.conditioning import encode_conditioning, text_encoder_fingerprint
 from hybrid_sd.denoise import Guidance, StepCallback, StepRun, Steps, run_alone
+from hybrid_sd.edge_profile import EdgeProfile
 from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.latent_space import pipeline_latent_space
 from hybrid_sd.limits import RequestLimits
@@ -76,15 +77,8 @@ class Denoiser:
         """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size, scheduler
         (this model's own class) and guidance scale (its pair's)."""
         request.check()
-        model_scheduler = type(self.pipe.scheduler).__name__
-        resolve_scheduler(request.scheduler, model_scheduler)
-        request = dataclasses.replace(
-            request.with_defaults(),
-            width=request.width or self.default_size,
-            height=request.height or self.default_size,
-            scheduler=request.scheduler or model_scheduler,
-            guidance_scale=self.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
-        )
+        resolve_scheduler(request.scheduler, type(self.pipe.scheduler).__name__)
+        request = EdgeProfile.of(self).fill(request.with_defaults())  # the same defaults a handoff's edge fills
         self.check_size(request)
         if self.limits is not None:
             self.limits.check(request)  # bytes before the tokenizer reads the prompt; the size filled in
