@@ -95,7 +95,9 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 def _add_sampling(parser: argparse.ArgumentParser, prompts_help: str, rows: int | None = None) -> None:
     parser.add_argument("--prompts", help=f"{prompts_help}: a file, one a line, shapes:N or shapes-train:N")
     parser.add_argument("--sampling-steps", type=int, default=20, help="denoising steps of each generation")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance of the generations (default: the pair's own)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     if rows is not None:
         parser.add_argument("--calibration-rows", type=int, default=rows, help="UNet inputs, spread over the steps")
@@ -136,8 +138,12 @@ class _Context:
         from compression.distill import collect_trajectories
 
         pipe = type(self.pair.cloud.pipe).from_pipe(self.pair.cloud.pipe, unet=unet)
-        args = self.args
-        return collect_trajectories(pipe, prompts, args.sampling_steps, args.guidance, args.seed)
+        return collect_trajectories(pipe, prompts, self.args.sampling_steps, self.guidance, self.args.seed)
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale of the generations: ``--guidance``, else the one the pair serves at."""
+        return self.pair.cloud.default_guidance_scale if self.args.guidance is None else self.args.guidance
 
     def start(self, action: str, **record):
         """The output bundle, with this action appended to its history."""
@@ -256,7 +262,9 @@ def run_distill(args: argparse.Namespace) -> None:
     student = context.pair.edge.pipe.unet.float().train()
     data = context.trajectories(teacher, prompts)
     stats = distill_unet(teacher, student, data, config)
-    bundle = context.start("distill", teacher=args.teacher, prompts=len(data.prompts), **asdict(config))
+    bundle = context.start(
+        "distill", teacher=args.teacher, prompts=len(data.prompts), guidance=context.guidance, **asdict(config)
+    )
     save_pruned(student, bundle.unet)
     card = size_card(bundle, student, {"distillation": stats})
     context.finish(bundle, card)
