@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
-from hybrid_sd.shapes_pair.train_config import LARGE_UNET_CHANNELS, SCHEDULES, TrainConfig
+from hybrid_sd.shapes_pair.train_config import SCHEDULES, TrainConfig
 from hybrid_sd.shapes_pair.train_pair import LatentBatches, Run, train
 from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
 
@@ -188,19 +188,3 @@ def test_the_text_encoder_kind_decides_whether_a_word_sees_the_relation_after_it
     same = torch.equal(embeddings["above"][0, first_shape], embeddings["below"][0, first_shape])
     assert same != sees_what_follows
     assert not torch.equal(embeddings["above"][0, 5], embeddings["below"][0, 5])  # the relation's own token
-
-
-@pytest.mark.parametrize(("levels", "coarsest"), [(3, 4), (4, 2)])
-def test_the_large_unet_levels_decide_its_coarsest_resolution(levels, coarsest, tmp_path):
-    """``--large-levels 4`` adds a 2x2 level below the 4x4 one (where attention knows where each shape is);
-    either way the pair loads as a StableDiffusionPipeline."""
-    out = tmp_path / "trained"
-    flags = ["--images", "64", "--batch-size", "8", "--vae-crop-steps", "1", "--vae-full-steps", "1"]
-    flags += ["--large-steps", "1", "--warmup-steps", "1", "--large-levels", str(levels)]
-    assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
-    unet = StableDiffusionPipeline.from_pretrained(out / "cloud", safety_checker=None, dtype=torch.float32).unet
-    assert tuple(unet.config.block_out_channels) == LARGE_UNET_CHANNELS[levels]
-    seen = []
-    unet.mid_block.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape[-2:])))
-    unet(torch.zeros(1, 4, 16, 16), 500, torch.zeros(1, 32, unet.config.cross_attention_dim))
-    assert seen == [(coarsest, coarsest)]

@@ -8,21 +8,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from hybrid_sd.cli.arguments import quiet_libraries
-from hybrid_sd.shapes_pair.train_config import (  # data: no torch
-    LARGE_UNET_CHANNELS,
-    PRECISIONS,
-    SCHEDULES,
-    TEXT_ENCODERS,
-    TrainConfig,
-)
+from hybrid_sd.shapes_pair.train_config import PRECISIONS, SCHEDULES, TEXT_ENCODERS, TrainConfig  # data: no torch
 
 # The TrainConfig fields whose values are names to choose from.
-FIELD_CHOICES = {
-    "precision": PRECISIONS,
-    "schedule": tuple(SCHEDULES),
-    "text_encoder": tuple(TEXT_ENCODERS),
-    "large_levels": tuple(LARGE_UNET_CHANNELS),
-}
+FIELD_CHOICES = {"precision": PRECISIONS, "schedule": tuple(SCHEDULES), "text_encoder": tuple(TEXT_ENCODERS)}
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, gap_recovered
-from hybrid_sd.shapes_pair.pair_models import LATENT_SIZE
-from hybrid_sd.shapes_pair.train_config import LARGE_UNET_CHANNELS, TEXT_ENCODERS, TrainConfig
+from hybrid_sd.shapes_pair.train_config import TEXT_ENCODERS, TrainConfig
 
 TRAIN_COMMAND = "hybrid-sd train-shapes --out hybrid_sd/shapes/pair --sweep-out out/shapes-eval"
 MAKE_COMMAND = "bash scripts/make_shapes_pair.sh out/shapes-pair"  # the edge made by hybrid-sd compress
@@ -31,11 +30,8 @@ def _architecture_table(evaluation: dict, config: dict) -> list[str]:
         widths = [step["width"] for step in bundle["history"] if step["action"] == "tiny-vae"]
         if widths:
             tiny = f"AutoencoderTiny (TAESD blocks), {widths[-1]} channels, from `hybrid-sd compress tiny-vae`"
-    channels = LARGE_UNET_CHANNELS[config.get("large_levels", TrainConfig.large_levels)]
-    resolutions = ", ".join(f"{LATENT_SIZE >> level}²" for level in range(len(channels)))
-    large = f"UNet2DConditionModel, channels {'/'.join(map(str, channels))}, attention at {resolutions}"
     rows = [
-        ("large UNet (cloud)", large, "large_unet"),
+        ("large UNet (cloud)", "UNet2DConditionModel, channels 64/128/128, attention at 16², 8², 4²", "large_unet"),
         (*edge, "small_unet"),
         ("VAE decoder", "AutoencoderKL, channels 16/32/64, 4x down-sampling, 4 latent channels", "vae_decoder"),
         ("tiny decoder (edge)", tiny, "tiny_decoder"),

@@ -28,7 +28,6 @@ class TrainConfig:
     precision: str = "bf16"  # of the forward passes: bf16 autocast (1.1x float32 on this CPU) or fp32
     schedule: str = "stable-diffusion"  # the noise schedule (SCHEDULES)
     text_encoder: str = "clip"  # the text encoder's kind (TEXT_ENCODERS)
-    large_levels: int = 3  # resolutions of the large UNet (LARGE_UNET_CHANNELS)
 
 
 PRECISIONS = ("bf16", "fp32")
@@ -40,12 +39,6 @@ TEXT_ENCODERS: dict[str, str] = {
     "clip": "CLIPTextModel (causal), width 128, 3 layers, 4 heads, 32 tokens",
     "t5": "T5EncoderModel (bidirectional, relative positions), width 128, 3 layers, 4 heads, 32 tokens",
 }
-
-# The large UNet's channels per resolution (``TrainConfig.large_levels``), attention at each. Three levels work
-# at 16², 8² and 4²; a fourth adds 2², where every position touches the zero padding, so that the attention
-# there knows where each shape is (the convolutions and attention are otherwise blind to absolute position,
-# and a relation is a statement about position). 64 channels there keep the pair under 25 MB.
-LARGE_UNET_CHANNELS: dict[int, tuple[int, ...]] = {3: (64, 128, 128), 4: (64, 128, 128, 64)}
 
 # steps_offset as Stable Diffusion's pipelines require it (they rewrite any other); "trailing" spacing ignores it.
 _SD_BETAS = dict(

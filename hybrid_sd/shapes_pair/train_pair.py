@@ -261,7 +261,7 @@ def train(
     ids, empty_ids = caption_ids(tokenizer, captions), caption_ids(tokenizer, [""])
     torch.manual_seed(config.seed + 1)
     text_encoder = pair_models.build_text_encoder(config.text_encoder, len(tokenizer)).to(run.device)
-    large = pair_models.build_large_unet(config.large_levels).to(run.device)
+    large = pair_models.build_large_unet().to(run.device)
     data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 1)
     stages["large"] = train_large(run, data, text_encoder, large)
 
