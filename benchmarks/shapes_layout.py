@@ -4,7 +4,8 @@ by seed. A model that reads the layout out of its starting noise draws one layou
 the shipped pair, trained on Stable Diffusion's noise schedule, does for 93% of them (``TrainConfig.schedule``).
 Then the README's first prompt as ``cluster up --generate`` draws it (the hybrid at the default request), seeds
 0 to 9: how many are right in every attribute by the scorer; not for a folder without an edge (``train-shapes
---cloud-only``), whose large model alone is measured.
+--cloud-only``), whose large model alone is measured. And in seconds, why: how far one word of the README prompt
+moves the text encoder's output and the large UNet's prediction of the image (see ``caption_sensitivity``).
 
     .venv/bin/python benchmarks/shapes_layout.py --pairs hybrid_sd/shapes/pair,out/pair-v3/pair --seeds 8
 """
@@ -30,6 +31,14 @@ STEPS = 20
 README_PROMPT = "a large red circle above a small blue square"
 README_SEEDS = 10
 RESULTS = Path(__file__).parent / "results" / "shapes_layout.json"
+# One word of README_PROMPT swapped per attribute, for caption_sensitivity.
+SWAPS = {
+    "relation": ("above", "below"),
+    "colour": ("red", "green"),
+    "shape": ("circle", "square"),
+    "size": ("large", "small"),
+}
+NOISE_LEVELS = (999, 500)  # timesteps at which the UNet's prediction is compared: the layout's and the details'
 # (first shape, second shape): distinct colours, so that each is found by its colour alone.
 SCENES = (
     (("large", "red", "circle"), ("small", "blue", "square")),
@@ -72,11 +81,40 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
                 one_layout.append(len(set(layouts)) == 1)
     return {
         "pair": str(pair),
+        "caption_sensitivity": caption_sensitivity(cloud),
         "readme_prompt": readme_prompt(pair),
         "relation_holds": per_relation,
         "same_layout_for_every_relation": sum(one_layout) / len(one_layout) if one_layout else None,
         "both_found": sum(where is not None for where in placements.values()) / len(placements),
     }
+
+
+def caption_sensitivity(cloud, samples: int = 64) -> dict:
+    """Per attribute, README_PROMPT against it with that attribute's word swapped: the distance between the text
+    encoder's outputs (mean over tokens) and the RMS change of the UNet's image prediction (the predicted
+    latents) on the same noisy latents at each of NOISE_LEVELS. A model that reads an attribute moves with it."""
+
+    def encoded(caption: str) -> torch.Tensor:
+        return cloud.encode_prompt(caption, "cpu", 1, False)[0]
+
+    noise = torch.randn(samples, 4, *[cloud.unet.config.sample_size] * 2, generator=torch.Generator().manual_seed(0))
+    alphas = cloud.scheduler.alphas_cumprod
+    base = encoded(README_PROMPT)
+    rows = {}
+    for attribute, (word, other) in SWAPS.items():
+        swapped = encoded(README_PROMPT.replace(word, other, 1))
+        moved = {"text_encoder": float((swapped - base).norm(dim=-1).mean())}
+        for t in NOISE_LEVELS:
+            # Noise alone, no image under it: what the caption alone makes the UNet predict at this level.
+            latents = (1 - alphas[t]).sqrt() * noise
+            change = cloud.unet(latents, t, swapped.expand(samples, -1, -1)).sample
+            change -= cloud.unet(latents, t, base.expand(samples, -1, -1)).sample
+            # To predicted latents: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), or sqrt(a) x_t - sqrt(1 - a) v.
+            v_prediction = cloud.scheduler.config.prediction_type == "v_prediction"
+            scale = (1 - alphas[t]).sqrt() if v_prediction else ((1 - alphas[t]) / alphas[t]).sqrt()
+            moved[f"prediction_t{t}"] = float(change.pow(2).mean().sqrt() * scale)
+        rows[attribute] = moved
+    return rows
 
 
 def readme_prompt(pair: Path) -> dict | None:
@@ -114,6 +152,14 @@ def main() -> None:
         print(
             f"{row['pair']} | {held} | {row['same_layout_for_every_relation']:.2f} | {row['both_found']:.2f} | {readme}"
         )
+    print(f"\n{README_PROMPT!r} with one word swapped: how far the text encoder's output and the large UNet's")
+    print("predicted latents (RMS, on noise alone) move")
+    print("pair | attribute (swap) | text encoder | " + " | ".join(f"prediction at t = {t}" for t in NOISE_LEVELS))
+    for row in rows:
+        for attribute, moved in row["caption_sensitivity"].items():
+            swap = " -> ".join(SWAPS[attribute])
+            cells = " | ".join(f"{moved[f'prediction_t{t}']:.3f}" for t in NOISE_LEVELS)
+            print(f"{row['pair']} | {attribute} ({swap}) | {moved['text_encoder']:.2f} | {cells}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"steps": STEPS, "guidance": args.guidance, "rows": rows}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
