@@ -92,13 +92,17 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
 def caption_sensitivity(cloud, samples: int = 64) -> dict:
     """Per attribute, README_PROMPT against it with that attribute's word swapped: the distance between the text
     encoder's outputs (mean over tokens) and the RMS change of the UNet's image prediction (the predicted
-    latents) on the same noisy latents at each of NOISE_LEVELS. A model that reads an attribute moves with it."""
+    latents) on the same pure noise at each of NOISE_LEVELS. A model that reads an attribute moves with it."""
 
     def encoded(caption: str) -> torch.Tensor:
         return cloud.encode_prompt(caption, "cpu", 1, False)[0]
 
-    noise = torch.randn(samples, 4, *[cloud.unet.config.sample_size] * 2, generator=torch.Generator().manual_seed(0))
+    config = cloud.unet.config
+    noise = torch.randn(
+        samples, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(0)
+    )
     alphas = cloud.scheduler.alphas_cumprod
+    v_prediction = cloud.scheduler.config.prediction_type == "v_prediction"
     base = encoded(README_PROMPT)
     rows = {}
     for attribute, (word, other) in SWAPS.items():
@@ -110,7 +114,6 @@ def caption_sensitivity(cloud, samples: int = 64) -> dict:
             change = cloud.unet(latents, t, swapped.expand(samples, -1, -1)).sample
             change -= cloud.unet(latents, t, base.expand(samples, -1, -1)).sample
             # To predicted latents: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), or sqrt(a) x_t - sqrt(1 - a) v.
-            v_prediction = cloud.scheduler.config.prediction_type == "v_prediction"
             scale = (1 - alphas[t]).sqrt() if v_prediction else ((1 - alphas[t]) / alphas[t]).sqrt()
             moved[f"prediction_t{t}"] = float(change.pow(2).mean().sqrt() * scale)
         rows[attribute] = moved
