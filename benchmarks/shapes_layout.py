@@ -104,15 +104,15 @@ def caption_sensitivity(cloud, samples: int = 64) -> dict:
     alphas = cloud.scheduler.alphas_cumprod
     v_prediction = cloud.scheduler.config.prediction_type == "v_prediction"
     base = encoded(README_PROMPT)
+    # Noise alone, no image under it: what the caption alone makes the UNet predict at each level.
+    latents = {t: (1 - alphas[t]).sqrt() * noise for t in NOISE_LEVELS}
+    base_predictions = {t: cloud.unet(latents[t], t, base.expand(samples, -1, -1)).sample for t in NOISE_LEVELS}
     rows = {}
     for attribute, (word, other) in SWAPS.items():
         swapped = encoded(README_PROMPT.replace(word, other, 1))
         moved = {"text_encoder": float((swapped - base).norm(dim=-1).mean())}
         for t in NOISE_LEVELS:
-            # Noise alone, no image under it: what the caption alone makes the UNet predict at this level.
-            latents = (1 - alphas[t]).sqrt() * noise
-            change = cloud.unet(latents, t, swapped.expand(samples, -1, -1)).sample
-            change -= cloud.unet(latents, t, base.expand(samples, -1, -1)).sample
+            change = cloud.unet(latents[t], t, swapped.expand(samples, -1, -1)).sample - base_predictions[t]
             # To predicted latents: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), or sqrt(a) x_t - sqrt(1 - a) v.
             scale = (1 - alphas[t]).sqrt() if v_prediction else ((1 - alphas[t]) / alphas[t]).sqrt()
             moved[f"prediction_t{t}"] = float(change.pow(2).mean().sqrt() * scale)

@@ -114,12 +114,11 @@ def test_the_cards_report_what_each_action_did(bundles, pairs):
     source_params = sum(p.numel() for p in dequantize_model(pairs["shapes"].edge.pipe.unet).parameters())
     pruned = read_bundle(bundles["pruned"]).card
     assert pruned["params"] <= 0.7 * source_params and pruned["unet_params"] == pruned["params"]
-    distilled = read_bundle(bundles["distilled"]).card["distillation"]
+    distilled_bundle = read_bundle(bundles["distilled"])
+    distilled = distilled_bundle.card["distillation"]
     assert distilled["steps"] == 6 and distilled["final_loss"] > 0
     # No --guidance: the teacher generates at the guidance the pair serves at (the shapes pair's 5, not 7.5).
-    assert (
-        read_bundle(bundles["distilled"]).history[-1]["guidance"] == pairs["shapes"].cloud.default_guidance_scale == 5
-    )
+    assert distilled_bundle.history[-1]["guidance"] == pairs["shapes"].cloud.default_guidance_scale == 5
     w8a8 = read_bundle(bundles["w8a8"]).card
     assert w8a8["mode"] == "W8A8" and w8a8["quantized_layers"] > 20
     assert w8a8["weight_bytes_fp16"] / w8a8["weight_bytes_packed"] > 1.9
