@@ -17,6 +17,7 @@ distill_steps=${DISTILL_STEPS:-2500}
 tiny_vae_steps=${TINY_VAE_STEPS:-2000}
 prompts=${PROMPTS:-512}  # training captions whose large-model generations the distillations learn from
 eval_prompts=${EVAL_PROMPTS:-64}  # held-out captions the card's evaluation scores
+guidance=5  # the shapes pair's serving guidance (pair_models.GUIDANCE_SCALE): models named by path default to 7.5
 
 if [ ! -f "$out/trained/training.json" ]; then
   resume=()
@@ -31,7 +32,7 @@ compress() {  # BUNDLE ACTION [OPTIONS...]: one action on the cloud model, skipp
   local bundle=$1
   shift
   [ -f "$out/$bundle/bundle.json" ] ||
-    "$hybrid_sd" compress "$@" --cloud-model "$cloud" --edge-model "$cloud" --out "$out/$bundle"
+    "$hybrid_sd" compress "$@" --cloud-model "$cloud" --edge-model "$cloud" --guidance "$guidance" --out "$out/$bundle"
 }
 compress edge-pruned prune --source cloud --metric macs --budget 0.2 --widths \
   --prompts shapes-train:4 --calibration-rows 4

@@ -13,6 +13,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
+from hybrid_sd.shapes_pair import pair_models
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
 from hybrid_sd.shapes_pair.train_config import SCHEDULES, TrainConfig
 from hybrid_sd.shapes_pair.train_pair import LatentBatches, Run, train
@@ -188,3 +189,20 @@ def test_the_text_encoder_kind_decides_whether_a_word_sees_the_relation_after_it
     same = torch.equal(embeddings["above"][0, first_shape], embeddings["below"][0, first_shape])
     assert same != sees_what_follows
     assert not torch.equal(embeddings["above"][0, 5], embeddings["below"][0, 5])  # the relation's own token
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_text_encoder_ships_as_initialised(frozen, tmp_path):
+    """--freeze-text-encoder trains the large UNet alone: the pair's text encoder is the seeded initialisation,
+    weight for weight; without it the encoder trains with the UNet."""
+    out = tmp_path / "trained"
+    flags = ["--images", "64", "--batch-size", "8", "--vae-crop-steps", "1", "--vae-full-steps", "1"]
+    flags += ["--large-steps", "2", "--warmup-steps", "1"] + (["--freeze-text-encoder"] if frozen else [])
+    assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
+    tokenizer = pair_models.build_tokenizer()
+    torch.manual_seed(TrainConfig.seed + 1)  # as train() seeds the encoder and the large UNet
+    initial = pair_models.build_text_encoder("clip", len(tokenizer)).to(torch.float16).state_dict()
+    trained = load_file(out / "cloud" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(trained[name], initial[name]) for name in trained) == frozen
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["freeze_text_encoder"] == frozen

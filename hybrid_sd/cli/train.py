@@ -20,7 +20,12 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
-        train.add_argument(flag, type=type(field.default), default=field.default, choices=FIELD_CHOICES.get(field.name))
+        if isinstance(field.default, bool):
+            train.add_argument(flag, action="store_true")
+        else:
+            train.add_argument(
+                flag, type=type(field.default), default=field.default, choices=FIELD_CHOICES.get(field.name)
+            )
     train.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default: cpu)")
     train.add_argument(
         "--checkpoints", type=Path, help="folder for stage checkpoints, written every --checkpoint-minutes"

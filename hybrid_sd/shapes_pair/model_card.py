@@ -62,6 +62,13 @@ _LOSSES = {
 }
 
 
+# What the large stage trains (TrainConfig.freeze_text_encoder; cards before it trained both).
+_LARGE_STAGE_MODULES = {
+    False: "text encoder and large UNet together",
+    True: "large UNet alone, on the text encoder as initialised (frozen)",
+}
+
+
 def _training_lines(training: dict) -> list[str]:
     config, stages = training["config"], training["stages"]
     minutes = training["total_seconds"] / 60
@@ -79,7 +86,8 @@ def _training_lines(training: dict) -> list[str]:
     described = {
         "vae": f"AutoencoderKL, L1 + {config['vae_kl_weight']:g} KL; {config['vae_crop_steps']} steps on 32x32 crops,"
         f" {config['vae_full_steps']} on whole images; latents scaled by {training['scaling_factor']} to unit variance",
-        "large": f"text encoder and large UNet together, {_LOSSES[config.get('schedule', 'stable-diffusion')]},"
+        "large": f"{_LARGE_STAGE_MODULES[config.get('freeze_text_encoder', False)]},"
+        f" {_LOSSES[config.get('schedule', 'stable-diffusion')]},"
         f" 10% captions dropped for guidance, EMA {config['ema_decay']}",
         "small": "small UNet from scratch: MSE to the large UNet's prediction plus the diffusion loss (output"
         " distillation), frozen text encoder",

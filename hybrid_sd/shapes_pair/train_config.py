@@ -28,6 +28,9 @@ class TrainConfig:
     precision: str = "bf16"  # of the forward passes: bf16 autocast (1.1x float32 on this CPU) or fp32
     schedule: str = "stable-diffusion"  # the noise schedule (SCHEDULES)
     text_encoder: str = "clip"  # the text encoder's kind (TEXT_ENCODERS)
+    # Train the large UNet alone, on the text encoder as initialised (as Stable Diffusion's UNet is trained on a
+    # frozen CLIP): a jointly trained encoder learns to drop the relation words (docs/design.md).
+    freeze_text_encoder: bool = False
 
 
 PRECISIONS = ("bf16", "fp32")

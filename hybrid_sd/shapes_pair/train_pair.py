@@ -171,13 +171,18 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.
 
 
 def train_large(run: Run, data: LatentBatches, text_encoder, unet) -> dict:
-    """The text encoder and the large UNet together, on the epsilon loss; EMA weights are kept."""
+    """The text encoder (unless frozen) and the large UNet together, on the diffusion loss; EMA weights are
+    kept."""
+    frozen = run.config.freeze_text_encoder
+    text_encoder.requires_grad_(not frozen)
     modules = torch.nn.ModuleList([text_encoder, unet]).train()
 
     def loss_fn(step: int) -> torch.Tensor:
         noisy, timesteps, ids, target = data.at(step)
         with run.autocast():
-            prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+            with torch.set_grad_enabled(not frozen):
+                context = text_encoder(ids)[0]
+            prediction = unet(noisy, timesteps, context).sample
         return weighted_mse(prediction, target, data.weights(timesteps))
 
     stats = run.stage("large", run.config.large_steps, loss_fn, modules, run.config.large_lr, ema=True)
