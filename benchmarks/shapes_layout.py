@@ -134,6 +134,11 @@ def readme_prompt(pair: Path) -> dict | None:
     return {"fully_right": sum(s.overall == 1.0 for s in scores), "seeds": len(scores), **means}
 
 
+def _fraction(value: float | None) -> str:
+    """A fraction to two places; "—" where no image had both shapes to measure it on."""
+    return "—" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pairs", default="hybrid_sd/shapes/pair", help="comma-separated shapes pair folders")
@@ -148,12 +153,13 @@ def main() -> None:
     print(f"and {README_PROMPT!r} through the hybrid ({hybrid}), seeds 0-{README_SEEDS - 1}: fully right")
     print("pair | " + " | ".join(RELATIONS) + " | one layout for all four relations | both found | README prompt")
     for row in rows:
-        held = " | ".join(f"{row['relation_holds'][relation]:.2f}" for relation in RELATIONS)
+        held = " | ".join(_fraction(row["relation_holds"][relation]) for relation in RELATIONS)
         readme = (
             "no edge" if row["readme_prompt"] is None else f"{row['readme_prompt']['fully_right']} of {README_SEEDS}"
         )
         print(
-            f"{row['pair']} | {held} | {row['same_layout_for_every_relation']:.2f} | {row['both_found']:.2f} | {readme}"
+            f"{row['pair']} | {held} | {_fraction(row['same_layout_for_every_relation'])} | {row['both_found']:.2f}"
+            f" | {readme}"
         )
     print(f"\n{README_PROMPT!r} with one word swapped: how far the text encoder's output and the large UNet's")
     print("predicted latents (RMS, on noise alone) move")
