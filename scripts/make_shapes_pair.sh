@@ -12,12 +12,14 @@
 # "--device cuda"); DISTILL_STEPS, TINY_VAE_STEPS, PROMPTS and EVAL_PROMPTS shorten the chain for a quick trial.
 set -euo pipefail
 out=${1:?usage: bash scripts/make_shapes_pair.sh OUT}
-hybrid_sd="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/hybrid-sd"
+venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
+hybrid_sd="$venv/hybrid-sd"
 distill_steps=${DISTILL_STEPS:-2500}
 tiny_vae_steps=${TINY_VAE_STEPS:-2000}
 prompts=${PROMPTS:-512}  # training captions whose large-model generations the distillations learn from
 eval_prompts=${EVAL_PROMPTS:-64}  # held-out captions the card's evaluation scores
-guidance=5  # the shapes pair's serving guidance (pair_models.GUIDANCE_SCALE): models named by path default to 7.5
+# The pair's serving guidance: compress defaults to 7.5 for a model named by path.
+guidance=$("$venv/python" -c "from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE; print(GUIDANCE_SCALE)")
 
 if [ ! -f "$out/trained/training.json" ]; then
   resume=()

@@ -20,8 +20,8 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", type=Path, required=True, help="folder for the pair (cloud/, edge-unet/, edge-vae/)")
     for field in fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(field.default, bool):
-            train.add_argument(flag, action="store_true")
+        if isinstance(field.default, bool):  # --flag / --no-flag: bool("False") would be true
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
             train.add_argument(
                 flag, type=type(field.default), default=field.default, choices=FIELD_CHOICES.get(field.name)
