@@ -17,6 +17,10 @@ class TrainConfig:
     vae_full_steps: int = 200
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # Contrastive steps of the text encoder, with hard negatives, before the large UNet trains (0: none;
+    # hybrid_sd.shapes_pair.text_pretraining). For a CLIP encoder.
+    text_steps: int = 0
+    text_lr: float = 5e-4
     large_steps: int = 4000
     large_lr: float = 5e-4
     small_steps: int = 2200

@@ -16,37 +16,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from hybrid_sd.shapes.dataset import ShapesDataset
+from hybrid_sd.shapes.dataset import caption
 from hybrid_sd.shapes_pair import pair_models
 from hybrid_sd.shapes_pair.checkpoints import Checkpoints
+from hybrid_sd.shapes_pair.text_pretraining import pretrain_text_encoder
 from hybrid_sd.shapes_pair.train_config import SCHEDULES, TrainConfig
+from hybrid_sd.shapes_pair.training_data import caption_ids, dataset_scenes, render_scenes, to_unit
 from hybrid_sd.shapes_pair.training_loop import batch_at, optimizer_with_schedule, run_steps, step_generator
 
 DROP_CAPTION = 0.1  # captions replaced by "" in training, for classifier-free guidance
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al., 2023): faster convergence at equal steps
-
-
-def render_dataset(config: TrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """The training images as uint8 [N, 3, 64, 64] and their captions."""
-    dataset = ShapesDataset(config.images, seed=config.seed)
-    images, captions = [], []
-    for index in tqdm(range(len(dataset)), desc="render shapes"):
-        image, text = dataset[index]
-        images.append(np.asarray(image))
-        captions.append(text)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images to float in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 @dataclass(frozen=True)
@@ -62,16 +47,26 @@ class Run:
         """The forward passes in ``config.precision`` (bfloat16 autocast, or float32)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
-    def stage(self, name: str, steps: int, loss_fn, trained: torch.nn.Module, lr: float, ema: bool) -> dict:
+    def stage(
+        self,
+        name: str,
+        steps: int,
+        loss_fn,
+        trained: torch.nn.Module,
+        lr: float,
+        ema: bool,
+        batch_size: int | None = None,
+    ) -> dict:
         """Train ``trained``'s parameters on ``loss_fn`` (EMA weights kept where ``ema``), resumably; the stage's
-        statistics with the samples it saw."""
+        statistics with its batch size (``config.batch_size`` unless given) and the samples it saw."""
         parameters = [parameter for parameter in trained.parameters() if parameter.requires_grad]
         optimizer, schedule = optimizer_with_schedule(parameters, lr, steps, self.config.warmup_steps)
         average = EMAModel(parameters, decay=self.config.ema_decay, use_ema_warmup=True, power=2 / 3) if ema else None
         stats = run_steps(
             name, steps, loss_fn, optimizer, schedule, average, parameters, trained, self.checkpoints.stage(name)
         )
-        return {**stats, "samples": steps * self.config.batch_size}
+        batch_size = batch_size or self.config.batch_size
+        return {**stats, "batch_size": batch_size, "samples": steps * batch_size}
 
 
 def train_vae(run: Run, images: torch.Tensor) -> tuple[torch.nn.Module, dict]:
@@ -111,13 +106,6 @@ def encode_latents(
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
-
-
-def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids as the pipelines make them: padded to the tokenizer's maximum length."""
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 class LatentBatches:
@@ -247,12 +235,15 @@ def train(
     """Every stage (up to the large UNet's if ``cloud_only``), then the pair written under `out`; returns what
     ``training.json`` records. With ``checkpoints``, each stage checkpoints as it goes and ``resume`` continues
     a stopped run."""
+    if config.text_steps and config.text_encoder != "clip":
+        raise ValueError("--text-steps: contrastive pretraining is for the clip text encoder (--text-encoder clip)")
     checkpoints = checkpoints or Checkpoints()
     checkpoints.start(config, resume)
     run = Run(config, torch.device(device), checkpoints)
     torch.manual_seed(config.seed)
     started = time.monotonic()
-    images, captions = render_dataset(config)
+    scenes = dataset_scenes(config.images, config.seed)
+    images = render_scenes(scenes, desc="render shapes")
     stages = {"render": {"seconds": round(time.monotonic() - started, 1)}}
 
     vae, stages["vae"] = train_vae(run, images)
@@ -263,10 +254,12 @@ def train(
     vae.register_to_config(scaling_factor=scaling_factor)
 
     tokenizer = pair_models.build_tokenizer()
-    ids, empty_ids = caption_ids(tokenizer, captions), caption_ids(tokenizer, [""])
+    ids, empty_ids = caption_ids(tokenizer, [caption(scene) for scene in scenes]), caption_ids(tokenizer, [""])
     torch.manual_seed(config.seed + 1)
     text_encoder = pair_models.build_text_encoder(config.text_encoder, len(tokenizer)).to(run.device)
     large = pair_models.build_large_unet().to(run.device)
+    if config.text_steps:
+        stages["text"] = pretrain_text_encoder(run, images, scenes, tokenizer, text_encoder)
     data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 1)
     stages["large"] = train_large(run, data, text_encoder, large)
 
