@@ -118,38 +118,37 @@ def negatives(scenes: list[Scene]) -> list[str]:
 def heldout_accuracy(model: ContrastiveModel, tokenizer, device: torch.device) -> dict[str, float]:
     """For each kind of hard negative, the share of held-out scenes that have one whose image scores its true
     caption above it."""
-    model.eval()
     scenes = dataset_scenes(HELDOUT_SCENES, HELDOUT_SEED)
-    images = render_scenes(scenes)
-    image_embeddings = model.embed_images(to_unit(images).to(device))
+    image_embeddings = model.embed_images(to_unit(render_scenes(scenes)).to(device))
     true_embeddings = model.embed_texts(caption_ids(tokenizer, [caption(scene) for scene in scenes]).to(device))
     true_scores = (image_embeddings * true_embeddings).sum(-1)
     accuracy = {}
     for kind, swap in HARD_NEGATIVES.items():
-        rows = [index for index, scene in enumerate(scenes) if swap(scene) is not None]
-        swapped = model.embed_texts(caption_ids(tokenizer, [swap(scenes[index]) for index in rows]).to(device))
-        swapped_scores = (image_embeddings[rows] * swapped).sum(-1)
+        swapped = {index: text for index, scene in enumerate(scenes) if (text := swap(scene)) is not None}
+        rows = list(swapped)
+        swapped_embeddings = model.embed_texts(caption_ids(tokenizer, list(swapped.values())).to(device))
+        swapped_scores = (image_embeddings[rows] * swapped_embeddings).sum(-1)
         accuracy[kind] = round(float((true_scores[rows] > swapped_scores).float().mean()), 4)
-    model.train()
     return accuracy
 
 
-def pretrain_text_encoder(run: Run, images: torch.Tensor, scenes: list[Scene], tokenizer, text_encoder) -> dict:
-    """``run.config.text_steps`` contrastive steps of ``text_encoder`` on the training images and their scenes;
-    the stage's statistics with the held-out hard-negative accuracy."""
-    config, seed = run.config, run.config.seed + 4
+def pretrain_text_encoder(
+    run: Run, images: torch.Tensor, scenes: list[Scene], ids: torch.Tensor, tokenizer, text_encoder
+) -> dict:
+    """``run.config.text_steps`` contrastive steps of ``text_encoder`` on the training images, their captions'
+    token ids ``ids`` and their scenes (for the hard negatives); the stage's statistics with the held-out
+    hard-negative accuracy."""
+    config, seed, device = run.config, run.config.seed + 4, run.device
     torch.manual_seed(seed)
-    model = ContrastiveModel(text_encoder).to(run.device).train()
-    ids, device = caption_ids(tokenizer, [caption(scene) for scene in scenes]), run.device
-
+    model = ContrastiveModel(text_encoder).to(device).train()
     batch_size = min(BATCH_SIZE, len(images))
 
     def loss_fn(step: int) -> torch.Tensor:
         index = batch_at(len(images), batch_size, step, seed)
         negative_ids = caption_ids(tokenizer, negatives([scenes[i] for i in index.tolist()]))
         with run.autocast():
-            return model.loss(to_unit(images[index]).to(run.device), ids[index].to(device), negative_ids.to(device))
+            return model.loss(to_unit(images[index]).to(device), ids[index].to(device), negative_ids.to(device))
 
     stats = run.stage("text", config.text_steps, loss_fn, model, config.text_lr, ema=False, batch_size=batch_size)
-    text_encoder.eval()
+    model.eval()
     return {**stats, "heldout_accuracy": heldout_accuracy(model, tokenizer, device), "heldout_scenes": HELDOUT_SCENES}

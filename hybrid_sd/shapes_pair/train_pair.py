@@ -259,7 +259,7 @@ def train(
     text_encoder = pair_models.build_text_encoder(config.text_encoder, len(tokenizer)).to(run.device)
     large = pair_models.build_large_unet().to(run.device)
     if config.text_steps:
-        stages["text"] = pretrain_text_encoder(run, images, scenes, tokenizer, text_encoder)
+        stages["text"] = pretrain_text_encoder(run, images, scenes, ids, tokenizer, text_encoder)
     data = LatentBatches(run, means, stds, ids, empty_ids, scaling_factor, config.seed + 1)
     stages["large"] = train_large(run, data, text_encoder, large)
 
