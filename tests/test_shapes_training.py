@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from hybrid_sd.cli import main
@@ -142,7 +142,7 @@ def test_train_shapes_refuses_bad_run_options_naming_them(tmp_path, capsys, flag
     assert not (tmp_path / "pair" / "training.json").exists()
 
 
-@pytest.mark.parametrize("schedule", ["zero-terminal-snr", "stable-diffusion"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_the_schedule_decides_the_target_and_the_weights_and_is_saved_with_the_pair(schedule, tmp_path):
     """Zero terminal SNR: the last timestep holds no signal, the UNet predicts v and that step keeps weight 1;
     Stable Diffusion's: some signal is left, the UNet predicts the noise. Either way the latents are what the
@@ -153,15 +153,16 @@ def test_the_schedule_decides_the_target_and_the_weights_and_is_saved_with_the_p
     data = LatentBatches(run, means, torch.zeros_like(means), ids, ids[:1], scaling_factor=1.0, seed=0)
     noisy, timesteps, _, target = data.at(0)
     alpha = data.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    if schedule == "zero-terminal-snr":
+    zero_snr = SCHEDULES[schedule].get("rescale_betas_zero_snr", False)
+    if zero_snr:
         latents = alpha.sqrt() * noisy - (1 - alpha).sqrt() * target
     else:
         latents = (noisy - (1 - alpha).sqrt() * target) / alpha.sqrt()
     torch.testing.assert_close(latents, means[batch_at(16, TINY.batch_size, 0, 0)], atol=1e-4, rtol=1e-4)
     last_alpha = data.noise_scheduler.alphas_cumprod[-1].item()
     weights = data.weights(torch.tensor([0, 999]))
-    assert (last_alpha == 0.0) == (schedule == "zero-terminal-snr") and weights[1].item() == 1.0
-    assert 0 < weights[0].item() < 0.01  # the least noisy step (SNR 1175): Min-SNR-5 caps its weight
+    assert (last_alpha == 0.0) == zero_snr and weights[1].item() == 1.0
+    assert 0 < weights[0].item() < 0.01  # the least noisy step (SNR 1175 or more): Min-SNR-5 caps its weight
 
     out = tmp_path / "trained"
     flags = ["--images", "64", "--batch-size", "8", "--vae-crop-steps", "1", "--vae-full-steps", "1"]
@@ -169,6 +170,17 @@ def test_the_schedule_decides_the_target_and_the_weights_and_is_saved_with_the_p
     assert main(["train-shapes", "--cloud-only", "--out", str(out), *flags]) == 0
     saved = DPMSolverMultistepScheduler.from_pretrained(out / "cloud" / "scheduler").config
     assert {name: saved[name] for name in SCHEDULES[schedule]} == SCHEDULES[schedule]
+
+
+def test_the_cosine_schedule_keeps_more_signal_where_the_switch_step_falls():
+    """At t = 600, where a 20-step trailing sampler hands over after 8 steps, the cosine schedule keeps SNR
+    0.52 against Stable Diffusion's 0.15 (both rescaled to zero terminal SNR), and both end at zero."""
+    snr = {}
+    for name in ("zero-terminal-snr", "cosine-zero-terminal-snr"):
+        alphas = DDPMScheduler(**SCHEDULES[name]).alphas_cumprod
+        snr[name] = alphas / (1 - alphas)
+        assert snr[name][-1] == 0
+    assert snr["cosine-zero-terminal-snr"][600] > 3 * snr["zero-terminal-snr"][600]
 
 
 @pytest.mark.parametrize(("kind", "sees_what_follows"), [("clip", False), ("t5", True)])

@@ -59,6 +59,8 @@ _LOSSES = {
     "stable-diffusion": "epsilon loss on Stable Diffusion's schedule with Min-SNR-5 weighting",
     "zero-terminal-snr": "v-prediction loss on Stable Diffusion's betas rescaled to zero terminal SNR (Lin et al.,"
     " 2024) with Min-SNR-5 weighting of SNR + 1",
+    "cosine-zero-terminal-snr": "v-prediction loss on the cosine schedule (Nichol & Dhariwal, 2021) rescaled to"
+    " zero terminal SNR with Min-SNR-5 weighting of SNR + 1",
 }
 
 
