@@ -21,8 +21,9 @@ from reporting import print_table
 from tqdm import tqdm
 
 from hybrid_sd.pairs import load_pipeline
+from hybrid_sd.request import DEFAULT_SWITCH_FRACTION
 from hybrid_sd.shapes.adherence import score_batch
-from hybrid_sd.shapes_pair.evaluate import DIFFUSERS_BATCH, heldout_captions
+from hybrid_sd.shapes_pair.evaluate import diffusers_large_alone, heldout_captions
 from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
 
 RESULTS = Path(__file__).parent / "results" / "shapes_commitment.json"
@@ -39,25 +40,19 @@ def commitment(pipe, captions: list[str], steps: int, switch: int, seed: int, ti
     scheduler = pipe.scheduler
     if not (isinstance(scheduler, DPMSolverMultistepScheduler) and scheduler.config.algorithm_type == "dpmsolver++"):
         raise ValueError(f"needs DPM-Solver++ (its history holds data predictions), got {type(scheduler).__name__}")
-    predicted, final, switch_timestep = [], [], []
+    predicted = []
 
     def keep_prediction(pipe, index, timestep, kwargs):
         if index + 1 == switch:
             latents = scheduler.model_outputs[-1] / pipe.vae.config.scaling_factor
             predicted.extend(pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil"))
-        if index == switch:
-            switch_timestep.append(int(timestep))
         return kwargs
 
-    schedule = {"timesteps": timesteps} if timesteps else {"num_inference_steps": steps}
-    for start in range(0, len(captions), DIFFUSERS_BATCH):
-        batch = captions[start : start + DIFFUSERS_BATCH]
-        generators = [torch.Generator().manual_seed(seed) for _ in batch]  # each image's noise as if alone
-        final += pipe(
-            batch, guidance_scale=GUIDANCE_SCALE, generator=generators, callback_on_step_end=keep_prediction, **schedule
-        ).images
+    final = diffusers_large_alone(
+        pipe, captions, steps, GUIDANCE_SCALE, seed, timesteps=timesteps, callback_on_step_end=keep_prediction
+    )
     return {
-        "switch_timestep": switch_timestep[0],
+        "switch_timestep": int(scheduler.timesteps[switch]),
         "at_switch": score_batch(predicted, captions),
         "final": score_batch(final, captions),
     }
@@ -72,14 +67,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="held-out captions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    switch = round(0.4 * args.steps) if args.switch is None else args.switch
+    switch = round(DEFAULT_SWITCH_FRACTION * args.steps) if args.switch is None else args.switch
     captions = heldout_captions(args.prompts)
     spacings: list[tuple[str, list[int] | None]] = [("pair's", None)]
     spacings += [(f"power {p}", power_timesteps(args.steps, float(p))) for p in args.powers.split(",") if p]
     rows = []
     for folder in args.pairs.split(","):
         pipe = load_pipeline(str(Path(folder) / "cloud"), torch.float32)
-        pipe.set_progress_bar_config(disable=True)
         for name, timesteps in tqdm(spacings, desc=folder):
             measured = commitment(pipe, captions, args.steps, switch, args.seed, timesteps)
             rows.append({"pair": folder, "spacing": name, "timesteps": timesteps, **measured})

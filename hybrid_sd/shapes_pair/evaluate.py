@@ -189,17 +189,26 @@ def evaluate(
 
 @torch.no_grad()
 def diffusers_large_alone(
-    pipe: StableDiffusionPipeline, captions: list[str], num_inference_steps: int, guidance_scale: float, seed: int
+    pipe: StableDiffusionPipeline,
+    captions: list[str],
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    **pipe_kwargs,
 ) -> list[Image.Image]:
     """The large model alone through diffusers' own pipeline ``pipe`` (the pair's cloud model as loaded),
-    decoded by its full VAE."""
+    decoded by its full VAE; ``pipe_kwargs`` go to each call (e.g. ``timesteps``, which takes precedence)."""
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(captions), DIFFUSERS_BATCH):
         batch = captions[start : start + DIFFUSERS_BATCH]
         generators = [torch.Generator().manual_seed(seed) for _ in batch]  # each image's noise as if alone
         images += pipe(
-            batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generators
+            batch,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            **pipe_kwargs,
         ).images
     return images
 
