@@ -55,6 +55,12 @@ def add_compress_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--batch-size", type=int, default=8)
     distill.add_argument("--lr", type=float, default=1e-4)
     distill.add_argument("--feature-weight", type=float, default=1.0, help="weight of the block-feature loss")
+    distill.add_argument(
+        "--from-step",
+        type=int,
+        default=0,
+        help="train on the teacher's steps from this one on: the steps an edge serves after a switch (default 0: all)",
+    )
     _add_sampling(distill, "prompts of the teacher generations to distil on")
 
     quantize = action("quantize", "low-bit weights (W2-W8), int8 or float activations", run_quantize)
@@ -252,6 +258,7 @@ def run_distill(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         feature_weight=args.feature_weight,
+        from_step=args.from_step,
         seed=args.seed,
     )
     context = _Context(args)

@@ -10,16 +10,21 @@
 # and OUT/pair, the shipped layout (cloud/, edge/, training.json, evaluation.json, README.md): copy it over
 # hybrid_sd/shapes/pair to ship it. Finished steps are kept. TRAIN_ARGS adds train-shapes options (e.g.
 # "--device cuda"); DISTILL_STEPS, TINY_VAE_STEPS, PROMPTS and EVAL_PROMPTS shorten the chain for a quick trial.
+# LATE_DISTILL_STEPS > 0 adds a distillation on the steps after the default switch alone (compress distill
+# --from-step) before quantizing.
 set -euo pipefail
 out=${1:?usage: bash scripts/make_shapes_pair.sh OUT}
 venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
 hybrid_sd="$venv/hybrid-sd"
 distill_steps=${DISTILL_STEPS:-2500}
+late_distill_steps=${LATE_DISTILL_STEPS:-0}  # the shipped pair's edge has no late-step stage
 tiny_vae_steps=${TINY_VAE_STEPS:-2000}
 prompts=${PROMPTS:-512}  # training captions whose large-model generations the distillations learn from
 eval_prompts=${EVAL_PROMPTS:-64}  # held-out captions the card's evaluation scores
 # The pair's serving guidance: compress defaults to 7.5 for a model named by path.
 guidance=$("$venv/python" -c "from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE; print(GUIDANCE_SCALE)")
+# The default switch step of compress's 20-step generations: the first step an edge continues from.
+switch_step=$("$venv/python" -c "from hybrid_sd.request import DEFAULT_SWITCH_FRACTION as f; print(round(f * 20))")
 
 if [ ! -f "$out/trained/training.json" ]; then
   resume=()
@@ -41,7 +46,15 @@ compress edge-pruned prune --source cloud --metric macs --budget 0.2 --widths \
 # Width pruning changes every block's output width, so no block feature matches the teacher's: output alone.
 compress edge-distilled distill --edge-bundle "$out/edge-pruned" --teacher cloud --feature-weight 0 \
   --prompts "shapes-train:$prompts" --train-steps "$distill_steps"
-compress edge-quantized quantize --edge-bundle "$out/edge-distilled" --kernel onednn --prompts shapes-train:16
+distilled=edge-distilled
+if [ "$late_distill_steps" -gt 0 ]; then
+  # Then on the steps the edge serves in a hybrid at the default switch, where a large model that decides late
+  # leaves it the colours (docs/design.md, "Distilling the edge for the steps it serves").
+  compress edge-late distill --edge-bundle "$out/edge-distilled" --teacher cloud --feature-weight 0 \
+    --prompts "shapes-train:$prompts" --train-steps "$late_distill_steps" --from-step "$switch_step"
+  distilled=edge-late
+fi
+compress edge-quantized quantize --edge-bundle "$out/$distilled" --kernel onednn --prompts shapes-train:16
 # 16 channels: wider TAESD blocks would cost as much as this small VAE's own decoder.
 compress edge tiny-vae --edge-bundle "$out/edge-quantized" --width 16 --batch-size 16 \
   --prompts "shapes-train:$((prompts / 2))" --train-steps "$tiny_vae_steps"

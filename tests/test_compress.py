@@ -53,6 +53,8 @@ def bundles(tmp_path_factory, pairs) -> dict:
             "6",
             "--batch-size",
             "4",
+            "--from-step",
+            "1",  # the steps after a switch at 1 of 4
             *SAMPLING,
             "--out",
             paths["distilled"],
@@ -119,6 +121,7 @@ def test_the_cards_report_what_each_action_did(bundles, pairs):
     assert distilled["steps"] == 6 and distilled["final_loss"] > 0
     # No --guidance: the teacher generates at the guidance the pair serves at (the shapes pair's 5, not 7.5).
     assert distilled_bundle.history[-1]["guidance"] == pairs["shapes"].cloud.default_guidance_scale == 5
+    assert distilled_bundle.history[-1]["from_step"] == 1
     w8a8 = read_bundle(bundles["w8a8"]).card
     assert w8a8["mode"] == "W8A8" and w8a8["quantized_layers"] > 20
     assert w8a8["weight_bytes_fp16"] / w8a8["weight_bytes_packed"] > 1.9

@@ -3,6 +3,7 @@ student fine-tuned on them with BK-SDM's output and feature losses, and a tiny V
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -111,6 +112,33 @@ def test_distillation_brings_a_pruned_student_to_its_teacher(shapes, edge_data, 
     assert all(torch.equal(value, teacher_state[key]) for key, value in teacher.state_dict().items())
 
 
+def test_from_step_distils_on_the_steps_after_it_alone(shapes, edge_data):
+    """The rows of loop iterations >= from_step, and a distillation that sees those alone: the same student as
+    one on the cut data, another than one on every step."""
+    late = edge_data.from_step(STEPS - 2)
+    rows = (edge_data.step >= STEPS - 2).nonzero().flatten()
+    assert len(late) == 2 * 2 * len(PROMPTS) and late.step.tolist() == edge_data.step[rows].tolist()
+    assert torch.equal(late.inputs.sample, edge_data.inputs.sample[rows])
+    assert torch.equal(late.inputs.timestep, edge_data.inputs.timestep[rows])
+    assert edge_data.from_step(0) is edge_data
+    with pytest.raises(ValueError, match="from_step"):
+        edge_data.from_step(STEPS)
+
+    teacher = dequantize_model(shapes.edge.pipe.unet)
+    probe = edge_data.batch([0])
+    pruned, _ = prune_channels(teacher, 0.6, probe, significance=measure_significance(teacher, probe))
+
+    def distilled(data: TeacherTrajectories, from_step: int) -> dict[str, torch.Tensor]:
+        student = copy.deepcopy(pruned)
+        config = DistillConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, feature_weight=0, from_step=from_step)
+        distill_unet(teacher, student, data, config)
+        return student.state_dict()
+
+    on_late = distilled(edge_data, STEPS - 2)
+    assert all(torch.equal(value, on_late[key]) for key, value in distilled(late, 0).items())
+    assert not all(torch.equal(value, on_late[key]) for key, value in distilled(edge_data, 0).items())
+
+
 def test_sdxl_trajectories_carry_added_conditions_and_train_a_block_removed_student():
     pipe = load_pipeline(preset("tiny-sdxl").cloud, torch.float32)
     data = collect_trajectories(pipe, ["a cat", "a dog"], steps=2, guidance_scale=5.0, seed=0)
@@ -147,6 +175,8 @@ def test_feature_distillation_needs_a_block_of_the_teachers_shape(shapes, edge_d
         ("lr", 0),
         ("lr", math.nan),
         ("warmup_steps", -1),
+        ("from_step", -1),
+        ("from_step", 1.5),
         ("feature_weight", -1.0),
         ("output_weight", math.inf),
         ("seed", "0"),

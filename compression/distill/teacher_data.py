@@ -29,6 +29,15 @@ class TeacherTrajectories:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def from_step(self, step: int) -> TeacherTrajectories:
+        """The rows of loop iterations ``step`` and later; ``ValueError`` naming ``from_step`` if none are."""
+        rows = (self.step >= step).nonzero().flatten()
+        if not len(rows):
+            raise ValueError(f"from_step must be below the {int(self.step.max()) + 1} UNet calls per run, got {step}")
+        if len(rows) == len(self):
+            return self
+        return TeacherTrajectories(self.prompts, self.batch(rows), self.step[rows], self.final_latents)
+
     def batch(self, rows: torch.Tensor | list[int]) -> Calibration:
         """The given rows as a :class:`Calibration` (also what pruning measures significance on)."""
         rows = torch.as_tensor(rows, dtype=torch.long)

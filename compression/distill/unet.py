@@ -23,7 +23,12 @@ LOSSES = ("loss", "output", "feature")
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Optimisation settings; the loss is ``output_weight * output MSE + feature_weight * feature MSE``."""
+    """Optimisation settings; the loss is ``output_weight * output MSE + feature_weight * feature MSE``.
+
+    ``from_step`` trains on the teacher's UNet calls from that loop iteration on: an edge that only ever
+    continues handoffs at switch step ``k`` or later serves those steps alone (as SDXL's refiner is trained on
+    the low-noise end of the schedule); 0 trains on every step, for an edge that also runs alone.
+    """
 
     steps: int = 1000
     batch_size: int = 8
@@ -31,12 +36,14 @@ class DistillConfig:
     warmup_steps: int = 50
     feature_weight: float = 1.0
     output_weight: float = 1.0
+    from_step: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         for field in ("steps", "batch_size"):
             _check(field, getattr(self, field), int, lambda value: value >= 1, "an integer >= 1")
-        _check("warmup_steps", self.warmup_steps, int, lambda value: value >= 0, "an integer >= 0")
+        for field in ("warmup_steps", "from_step"):
+            _check(field, getattr(self, field), int, lambda value: value >= 0, "an integer >= 0")
         _check("seed", self.seed, int, lambda value: True, "an integer")
         _check("lr", self.lr, int | float, lambda value: math.isfinite(value) and value > 0, "a positive number")
         for field in ("feature_weight", "output_weight"):
@@ -131,6 +138,7 @@ def distill_unet(
     first and the last tenth of the steps (``first_loss``, ``final_loss``), the final ``output`` and
     ``feature`` losses, and the matched blocks."""
     teacher.eval()
+    data = data.from_step(config.from_step)
     blocks = matching_blocks(teacher, student, data.batch([0])) if config.feature_weight > 0 else []
     if config.feature_weight > 0 and not blocks:
         raise ValueError(
