@@ -22,16 +22,13 @@ from tqdm import tqdm
 
 from hybrid_sd.pairs import load_pipeline
 from hybrid_sd.request import DEFAULT_SWITCH_FRACTION
+from hybrid_sd.schedulers import power_timesteps
 from hybrid_sd.shapes.adherence import score_batch
 from hybrid_sd.shapes_pair.evaluate import diffusers_large_alone, heldout_captions
 from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
 
 RESULTS = Path(__file__).parent / "results" / "shapes_commitment.json"
 SHOWN = ("color", "relation", "overall")
-
-
-def power_timesteps(steps: int, power: float, train_steps: int = 1000) -> list[int]:
-    return [round((train_steps - 1) * (1 - i / steps) ** power) for i in range(steps)]
 
 
 def commitment(pipe, captions: list[str], steps: int, switch: int, seed: int, timesteps: list[int] | None) -> dict:

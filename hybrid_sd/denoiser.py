@@ -20,7 +20,13 @@ from hybrid_sd.errors import IncompatibleModelsError
 from hybrid_sd.latent_space import pipeline_latent_space
 from hybrid_sd.limits import RequestLimits
 from hybrid_sd.request import DEFAULT_GUIDANCE_SCALE, GenerationRequest
-from hybrid_sd.schedulers import make_scheduler, resolve_scheduler, scheduler_from_config, uses_generator
+from hybrid_sd.schedulers import (
+    make_scheduler,
+    resolve_scheduler,
+    scheduler_from_config,
+    set_timesteps,
+    uses_generator,
+)
 from hybrid_sd.state import HybridState
 
 logger = logging.getLogger(__name__)
@@ -31,7 +37,7 @@ class Denoiser:
 
     ``name`` is the model's path or hub ID, used in error messages. ``latent_space`` is the one the UNet
     was trained in, where the pipeline's own decoder cannot tell (an AutoencoderTiny in place of its VAE).
-    ``default_guidance_scale`` is what a request that names no guidance scale gets: its pair's.
+    ``default_guidance_scale`` and ``default_timestep_power`` are what a request that names none gets: its pair's.
     """
 
     def __init__(
@@ -40,11 +46,13 @@ class Denoiser:
         name: str,
         latent_space: str | None = None,
         default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        default_timestep_power: float | None = None,
     ):
         self.pipe = pipe
         self.name = name
         self.latent_space = latent_space or pipeline_latent_space(pipe)
         self.default_guidance_scale = default_guidance_scale
+        self.default_timestep_power = default_timestep_power
         # Looked up once: diffusers walks every module for offload hooks on each access.
         self.device: torch.device = pipe._execution_device
         # What one request may cost; servers set it, in-process use has no limits.
@@ -75,7 +83,7 @@ class Denoiser:
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """Validate ``request`` and fill in what it leaves to the model: switch step, seed, size, scheduler
-        (this model's own class) and guidance scale (its pair's)."""
+        (this model's own class), guidance scale and timestep spacing (its pair's)."""
         request.check()
         resolve_scheduler(request.scheduler, type(self.pipe.scheduler).__name__)
         request = EdgeProfile.of(self).fill(request.with_defaults())  # the same defaults a handoff's edge fills
@@ -91,7 +99,7 @@ class Denoiser:
         """Refuse a step count the schedule cannot take (e.g. PLMS with as many steps as training
         timesteps indexes past the end), before any work is done."""
         scheduler = make_scheduler(request.scheduler, self.pipe.scheduler)
-        scheduler.set_timesteps(request.num_inference_steps)
+        set_timesteps(scheduler, request.num_inference_steps, request.timestep_power)
         train_steps = scheduler.config.num_train_timesteps
         if scheduler.timesteps.numel() and not 0 <= float(scheduler.timesteps.max()) < train_steps:
             raise ValueError(
@@ -125,7 +133,7 @@ class Denoiser:
         ``request`` must be resolved (seed, size, scheduler and guidance scale set).
         """
         scheduler = make_scheduler(request.scheduler, self.pipe.scheduler)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        set_timesteps(scheduler, request.num_inference_steps, request.timestep_power, self.device)
         if isinstance(self.pipe, StableDiffusionXLPipeline) and hasattr(scheduler, "set_begin_index"):
             # StableDiffusionXLPipeline does this before its loop (StableDiffusionPipeline does not).
             scheduler.set_begin_index(0)
@@ -145,7 +153,7 @@ class Denoiser:
             scheduler_config={**scheduler.config, "_class_name": type(scheduler).__name__},
             timesteps=scheduler.timesteps.cpu(),
             step_index=0,
-            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),
+            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps, request.timestep_power),
             generator_state=generator.get_state() if uses_generator(scheduler) else None,
             latents=noise * scheduler.init_noise_sigma,
             conditioning=conditioning,
@@ -167,7 +175,7 @@ class Denoiser:
             return state
         request = state.request
         scheduler = scheduler_from_config(state.scheduler_config)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        set_timesteps(scheduler, request.num_inference_steps, request.timestep_power, self.device)
         if not torch.equal(scheduler.timesteps.cpu(), state.timesteps):
             raise ValueError(
                 f"{self.name} computes other timesteps for {type(scheduler).__name__} than the handoff"
@@ -196,7 +204,7 @@ class Denoiser:
         return dataclasses.replace(
             state,
             step_index=end,
-            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps),
+            sampler_state=sampler_state.capture(scheduler, request.num_inference_steps, request.timestep_power),
             generator_state=generator.get_state() if uses_generator(scheduler) else None,
             latents=run.latents,
             conditioning=conditioning,

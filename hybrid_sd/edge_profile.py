@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.schedulers import resolve_scheduler, takes_custom_timesteps
 from hybrid_sd.state import HybridState
 
 if TYPE_CHECKING:
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class EdgeProfile:
     """The receiving edge: its text encoders' fingerprint, the dtype it denoises in, and the size,
-    scheduler and guidance scale a request that names none gets (the edge model's own and its pair's: it
-    is the one model every path runs, so in-process, served, edge-initiated and fallback requests resolve
-    alike)."""
+    scheduler, guidance scale and timestep spacing a request that names none gets (the edge model's own and
+    its pair's: it is the one model every path runs, so in-process, served, edge-initiated and fallback
+    requests resolve alike)."""
 
     text_encoder_id: str
     dtype: torch.dtype
@@ -33,20 +34,37 @@ class EdgeProfile:
     default_height: int = 0
     default_scheduler: str = ""
     default_guidance_scale: float | None = None  # None: the receiving model's own (an edge that names none)
+    default_timestep_power: float | None = None  # None: the scheduler's own spacing
 
     @classmethod
     def of(cls, denoiser: Denoiser) -> EdgeProfile:
         size, scheduler = denoiser.default_size, type(denoiser.pipe.scheduler).__name__
-        return cls(denoiser.text_encoder_id, denoiser.dtype, size, size, scheduler, denoiser.default_guidance_scale)
+        return cls(
+            denoiser.text_encoder_id,
+            denoiser.dtype,
+            size,
+            size,
+            scheduler,
+            denoiser.default_guidance_scale,
+            denoiser.default_timestep_power,
+        )
 
     def fill(self, request: GenerationRequest) -> GenerationRequest:
-        """``request`` with the size, scheduler and guidance scale it leaves unset taken from this edge."""
+        """``request`` with the size, scheduler, guidance scale and timestep spacing it leaves unset taken from
+        this edge; the pair's spacing only where the request's scheduler takes custom timesteps (a request may
+        name, say, DDIM on a pair whose spacing is a power)."""
+        scheduler = request.scheduler or self.default_scheduler or None
+        timestep_power = request.timestep_power
+        if timestep_power is None and scheduler is not None and self.default_timestep_power is not None:
+            scheduler_class, _ = resolve_scheduler(scheduler, scheduler)
+            timestep_power = self.default_timestep_power if takes_custom_timesteps(scheduler_class) else None
         return dataclasses.replace(
             request,
             width=request.width or self.default_width or None,
             height=request.height or self.default_height or None,
-            scheduler=request.scheduler or self.default_scheduler or None,
+            scheduler=scheduler,
             guidance_scale=self.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
+            timestep_power=timestep_power,
         )
 
 

@@ -109,7 +109,7 @@ def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.fl
 def load_cloud(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Denoiser:
     check_device(device)
     pipe = _place(load_pipeline(spec.cloud, dtype), device, dtype)
-    return Denoiser(pipe, spec.cloud, default_guidance_scale=spec.guidance_scale)
+    return Denoiser(pipe, spec.cloud, None, spec.guidance_scale, spec.timestep_power)
 
 
 def load_edge(
@@ -137,7 +137,7 @@ def load_edge(
         # Assigned, not passed to from_pipe: the pipeline derives vae_scale_factor from an
         # AutoencoderKL config, which AutoencoderTiny does not have (as in diffusers' TAESD docs).
         edge_pipe.vae = load_vae(spec.edge_vae, dtype)
-    return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space, spec.guidance_scale)
+    return Denoiser(_place(edge_pipe, device, dtype), spec.edge, latent_space, spec.guidance_scale, spec.timestep_power)
 
 
 def _place(pipe: DiffusionPipeline, device: str, dtype: torch.dtype) -> DiffusionPipeline:

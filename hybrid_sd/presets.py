@@ -16,7 +16,8 @@ class PairSpec:
     and VAE). ``edge_vae`` replaces the edge's VAE, typically by a tiny decoder; an
     AutoencoderTiny's config does not say which latent space it decodes, so the spec states it.
     ``edge_shares_text_encoder`` loads the edge pipeline on the cloud's text encoders. ``guidance_scale`` is
-    the classifier-free guidance scale a request that names none gets.
+    the classifier-free guidance scale a request that names none gets, ``timestep_power`` its timestep spacing
+    (None: the scheduler's own; see :class:`hybrid_sd.request.GenerationRequest`).
     """
 
     cloud: str
@@ -26,6 +27,7 @@ class PairSpec:
     edge_shares_text_encoder: bool = False
     description: str = ""
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    timestep_power: float | None = None
 
 
 PRESETS: dict[str, PairSpec] = {

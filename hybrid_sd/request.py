@@ -10,6 +10,7 @@ from dataclasses import dataclass
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 DEFAULT_SWITCH_FRACTION = 0.4
+MIN_TIMESTEP_POWER, MAX_TIMESTEP_POWER = 1.0, 4.0  # beyond 4, nearly every step sits at the low-noise end
 DEFAULT_GUIDANCE_SCALE = 7.5  # Stable Diffusion's; a pair may recommend its own (PairSpec.guidance_scale)
 
 
@@ -34,6 +35,7 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    timestep_power: float | None = None
     preview_every: int = 0  # a preview every n UNet evaluations of a stream; 0: none (the image is the same)
     exact: bool = False  # UNet calls of its own, never batched with other requests: bit for bit as diffusers
     auto_switch: bool = False  # the server chooses switch_step (which must be unset) from its profile and load
@@ -52,6 +54,8 @@ class GenerationRequest:
         if self.guidance_scale is not None:
             _check_finite("guidance_scale", self.guidance_scale, 0.0)
         _check_finite("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        if self.timestep_power is not None:
+            _check_finite("timestep_power", self.timestep_power, MIN_TIMESTEP_POWER, MAX_TIMESTEP_POWER)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
         for name in ("width", "height"):

@@ -1,6 +1,7 @@
 """Capture and restore a diffusers scheduler's mutable state, and flatten it for the wire.
 
-A scheduler's state after ``set_timesteps(N)`` is a pure function of its config and N, so only the
+A scheduler's state after ``set_timesteps(N)`` is a pure function of its config, N and the request's
+timestep spacing (:func:`hybrid_sd.schedulers.set_timesteps`), so only the
 attributes that stepping changed need to travel: multistep history (``model_outputs``,
 ``lower_order_nums``, UniPC's ``timestep_list`` and ``last_sample``, PLMS's ``ets`` and
 ``counter``), the step index, and so on. The receiver rebuilds the scheduler from the config, calls
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
+
+from hybrid_sd.schedulers import set_timesteps
 
 # The frozen config travels as JSON on its own.
 _NOT_STATE = frozenset({"_internal_dict"})
@@ -41,10 +44,14 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def capture(scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, Any]:
+def capture(scheduler: SchedulerMixin, num_inference_steps: int, timestep_power: float | None = None) -> dict[str, Any]:
     """The attributes of ``scheduler`` that differ from a fresh one after ``set_timesteps``."""
     fresh_state = _fresh_state(
-        type(scheduler), scheduler.to_json_string(), num_inference_steps, str(scheduler.timesteps.device)
+        type(scheduler),
+        scheduler.to_json_string(),
+        num_inference_steps,
+        timestep_power,
+        str(scheduler.timesteps.device),
     )
     missing = object()
     return {
@@ -56,12 +63,16 @@ def capture(scheduler: SchedulerMixin, num_inference_steps: int) -> dict[str, An
 
 @functools.lru_cache(maxsize=64)
 def _fresh_state(
-    scheduler_class: type[SchedulerMixin], config_json: str, num_inference_steps: int, device: str
+    scheduler_class: type[SchedulerMixin],
+    config_json: str,
+    num_inference_steps: int,
+    timestep_power: float | None,
+    device: str,
 ) -> dict[str, Any]:
     """``vars()`` of a scheduler just after ``set_timesteps``; cached, since building one costs
     milliseconds per request. Only read, never handed out."""
     fresh = scheduler_class.from_config(json.loads(config_json))
-    fresh.set_timesteps(num_inference_steps, device=device)
+    set_timesteps(fresh, num_inference_steps, timestep_power, device)
     return vars(fresh)
 
 

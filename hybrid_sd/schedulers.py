@@ -53,6 +53,47 @@ def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator) -> dict[s
     return kwargs
 
 
+def power_timesteps(num_inference_steps: int, power: float, num_train_timesteps: int = 1000) -> list[int]:
+    """Timesteps ``t_i = (T - 1)(1 - i/N)^p``, i < N, rounded: p > 1 spends fewer steps at high noise (the layout)
+    and more at low noise; p = 1 is close to ``"trailing"`` spacing. Where rounding would repeat a timestep (the
+    low-noise end of many steps) the earlier ones are lifted, so they stay strictly decreasing."""
+    last = num_train_timesteps - 1
+    timesteps = [round(last * (1 - i / num_inference_steps) ** power) for i in range(num_inference_steps)]
+    for i in reversed(range(num_inference_steps - 1)):
+        timesteps[i] = max(timesteps[i], timesteps[i + 1] + 1)
+    return timesteps
+
+
+def takes_custom_timesteps(scheduler_class: type[SchedulerMixin]) -> bool:
+    """Whether ``set_timesteps`` takes ``timesteps=`` (DDPM, DPM-Solver++, Euler, LCM; not DDIM, PLMS, UniPC)."""
+    return "timesteps" in inspect.signature(scheduler_class.set_timesteps).parameters
+
+
+def set_timesteps(
+    scheduler: SchedulerMixin,
+    num_inference_steps: int,
+    timestep_power: float | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """``scheduler.set_timesteps`` for a request: its own spacing, or with ``timestep_power`` the custom
+    timesteps of :func:`power_timesteps` (as diffusers' pipelines pass ``timesteps=``). Raise ``ValueError``
+    naming ``timestep_power`` where the scheduler takes no custom timesteps or they repeat one."""
+    if timestep_power is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    name = type(scheduler).__name__
+    if not takes_custom_timesteps(type(scheduler)):
+        raise ValueError(f"timestep_power needs a scheduler that takes custom timesteps; {name} does not")
+    train_steps = scheduler.config.num_train_timesteps
+    timesteps = power_timesteps(num_inference_steps, timestep_power, train_steps)
+    if timesteps[0] >= train_steps:
+        raise ValueError(
+            f"timestep_power {timestep_power} over {num_inference_steps} steps needs more distinct timesteps than"
+            f" {name}'s {train_steps}: choose fewer steps"
+        )
+    scheduler.set_timesteps(timesteps=timesteps, device=device)
+
+
 def uses_generator(scheduler: SchedulerMixin) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 

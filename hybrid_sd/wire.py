@@ -95,6 +95,7 @@ def request_from_pb(message: pb.GenerateRequest) -> GenerationRequest:
         exact=message.exact,
         auto_switch=message.auto_switch,
         latency_target_s=get("latency_target_s"),
+        timestep_power=get("timestep_power"),
     )
     request.check()
     return request
@@ -107,7 +108,7 @@ def request_to_pb(request: GenerationRequest, template: pb.GenerateRequest | Non
         message.CopyFrom(template)
     message.prompt = request.prompt
     optional = ("negative_prompt", "switch_step", "guidance_scale", "guidance_rescale", "seed", "width", "height")
-    for name in (*optional, "latency_target_s"):
+    for name in (*optional, "latency_target_s", "timestep_power"):
         value = getattr(request, name)
         if value is None:
             message.ClearField(name)
@@ -283,6 +284,7 @@ def result_to_pb(result: GenerationResult) -> pb.GenerateResponse:
         num_inference_steps=request.num_inference_steps,
         scheduler=request.scheduler,
         guidance_scale=request.guidance_scale,
+        timestep_power=request.timestep_power,
         width=request.width,
         height=request.height,
         timings=pb.StageTimings(**{stage: result.timings.get(stage, 0.0) for stage in STAGES}),
@@ -311,6 +313,7 @@ def result_from_pb(message: pb.GenerateResponse, asked: GenerationRequest) -> Ge
         height=message.height,
         scheduler=message.scheduler,
         guidance_scale=message.guidance_scale,
+        timestep_power=message.timestep_power if message.HasField("timestep_power") else None,
     )
     return GenerationResult(
         request=request,
@@ -370,6 +373,7 @@ def edge_profile_to_pb(profile: EdgeProfile) -> pb.EdgeProfile:
         default_height=profile.default_height,
         default_scheduler=profile.default_scheduler,
         default_guidance_scale=profile.default_guidance_scale,
+        default_timestep_power=profile.default_timestep_power,
     )
 
 
@@ -384,4 +388,5 @@ def edge_profile_from_pb(message: pb.EdgeProfile) -> EdgeProfile:
         message.default_height,
         message.default_scheduler,
         message.default_guidance_scale if message.HasField("default_guidance_scale") else None,
+        message.default_timestep_power if message.HasField("default_timestep_power") else None,
     )

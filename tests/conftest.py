@@ -45,20 +45,23 @@ def pairs(pair_specs) -> dict[str, ModelPair]:
 
 
 OTHER_GUIDANCE_SCALE = 3.0
+OTHER_TIMESTEP_POWER = 1.5
 
 
 @pytest.fixture(scope="session")
 def other_defaults_spec(pair_specs, tmp_path_factory) -> PairSpec:
     """The tiny SD 1.x pair with an edge whose own size (32 px, the cloud's is 64) and scheduler (Euler,
-    the cloud's is PLMS) differ from the cloud's, and a guidance scale of its own (3, not 7.5): what a request
-    leaves unset must resolve alike on every path."""
+    the cloud's is PLMS) differ from the cloud's, and a guidance scale (3, not 7.5) and timestep spacing (power
+    1.5) of its own: what a request leaves unset must resolve alike on every path."""
     spec = pair_specs["sd1"]
     edge = DiffusionPipeline.from_pretrained(spec.edge)
     edge.unet.register_to_config(sample_size=edge.unet.config.sample_size // 2)
     edge.scheduler = EulerDiscreteScheduler.from_config(edge.scheduler.config)
     folder = tmp_path_factory.mktemp("other-defaults-edge")
     edge.save_pretrained(folder)
-    return dataclasses.replace(spec, edge=str(folder), guidance_scale=OTHER_GUIDANCE_SCALE)
+    return dataclasses.replace(
+        spec, edge=str(folder), guidance_scale=OTHER_GUIDANCE_SCALE, timestep_power=OTHER_TIMESTEP_POWER
+    )
 
 
 def load_reference(path: str) -> DiffusionPipeline:

@@ -8,12 +8,17 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.schedulers import make_scheduler
+from hybrid_sd.schedulers import make_scheduler, power_timesteps
 
 
 def pipeline_kwargs(request: GenerationRequest) -> dict:
-    """diffusers ``__call__`` arguments for a resolved request (a CPU generator, as the engine uses)."""
+    """diffusers ``__call__`` arguments for a resolved request (a CPU generator, as the engine uses; a
+    ``timestep_power`` as diffusers' own ``timesteps`` argument)."""
+    spacing = {}
+    if request.timestep_power is not None:
+        spacing = dict(timesteps=power_timesteps(request.num_inference_steps, request.timestep_power))
     return dict(
+        **spacing,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         num_inference_steps=request.num_inference_steps,

@@ -37,6 +37,8 @@ def test_generate_writes_image_latents_and_json(tmp_path, capsys, pairs):
             "42",
             "--scheduler",
             "dpm++2m",
+            "--timestep-power",
+            "1.5",
             "--out",
             str(out),
             "--latents-out",
@@ -51,9 +53,9 @@ def test_generate_writes_image_latents_and_json(tmp_path, capsys, pairs):
     assert summary["handoff_bytes"] > 0
     assert tuple(summary["timings_s"]) == STAGES
     assert PIL.Image.open(out).size == (64, 64)
-    expected = HybridPipeline(pairs["shapes"])(  # the default pair
-        GenerationRequest("a blue circle", "blurry", switch_step=2, num_inference_steps=5, seed=42, scheduler="dpm++2m")
-    )
+    # the default pair
+    asked = dict(switch_step=2, num_inference_steps=5, seed=42, scheduler="dpm++2m", timestep_power=1.5)
+    expected = HybridPipeline(pairs["shapes"])(GenerationRequest("a blue circle", "blurry", **asked))
     assert torch.equal(load_file(latents_out)["latents"], expected.latents)
 
 

@@ -3,6 +3,8 @@ engine object, equals diffusers' one uninterrupted loop with the model switched 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.edge_profile import EdgeProfile, for_edge
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.schedulers import loop_index
+from hybrid_sd.schedulers import loop_index, power_timesteps
 from hybrid_sd.wire import state_from_payload, state_payload
 from tests.conftest import load_reference
 from tests.reference import reference_run
@@ -43,7 +45,6 @@ def split_run(pair, request: GenerationRequest) -> tuple[torch.Tensor, int]:
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("switch_step", SWITCH_STEPS)
 def test_split_equals_one_loop_switched_at_k(pairs, references, family, scheduler, switch_step):
-    pair = pairs[family]
     request = GenerationRequest(
         "a large red circle above a small blue square",
         negative_prompt="blurry",
@@ -54,10 +55,38 @@ def test_split_equals_one_loop_switched_at_k(pairs, references, family, schedule
         height=64,
         scheduler=scheduler,
     )
+    assert_split_equals_reference(pairs[family], references[family], request)
+
+
+def assert_split_equals_reference(pair, reference, request: GenerationRequest) -> torch.Tensor:
+    """The split run's final latents, checked equal to diffusers' loop switched at the same iteration."""
     latents, switch = split_run(pair, request)
     resolved = HybridPipeline(pair).check_inputs(request)
-    expected = reference_run(references[family], resolved, pair.cloud.pipe.unet, pair.edge.pipe.unet, switch)
+    expected = reference_run(reference, resolved, pair.cloud.pipe.unet, pair.edge.pipe.unet, switch)
     assert torch.equal(latents, expected), (latents - expected).abs().max()
+    return latents
+
+
+def test_power_timesteps_follow_the_formula_and_never_repeat():
+    assert power_timesteps(20, 2.0) == [round(999 * (1 - i / 20) ** 2) for i in range(20)]
+    many = power_timesteps(900, 1.5)  # rounding alone repeats 0, 1, 2, ... at the low-noise end
+    assert all(a > b for a, b in zip(many, many[1:], strict=False)) and (many[0], many[-1]) == (999, 0)
+    assert many[:100] == [round(999 * (1 - i / 900) ** 1.5) for i in range(100)]
+
+
+@pytest.mark.parametrize("family", ["sd1", "shapes"])
+@pytest.mark.parametrize("scheduler", ["dpm++2m", "dpm++2m-sde", "euler", "ddpm"])
+@pytest.mark.parametrize("switch_step", [0, STEPS // 2])
+def test_power_spaced_split_equals_diffusers_with_those_timesteps(pairs, references, family, scheduler, switch_step):
+    """timestep_power samples at diffusers' custom ``timesteps=`` 999 (1 - i/N)^p, on both sides of the split."""
+    pair = pairs[family]
+    request = GenerationRequest("a small blue square", switch_step=switch_step, num_inference_steps=STEPS, seed=99)
+    request = dataclasses.replace(request, width=64, height=64, scheduler=scheduler, timestep_power=1.5)
+    resolved = HybridPipeline(pair).check_inputs(request)
+    assert pair.cloud.begin(resolved).timesteps.tolist() == power_timesteps(STEPS, 1.5) == [999, 760, 544, 353, 192, 68]
+    latents = assert_split_equals_reference(pair, references[family], request)
+    uniform = split_run(pair, dataclasses.replace(request, timestep_power=None))[0]
+    assert not torch.equal(latents, uniform)
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++2m", "euler-a"])

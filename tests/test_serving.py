@@ -26,7 +26,7 @@ from hybrid_sd.results import STAGES
 from hybrid_sd.v1 import hybrid_sd_pb2 as pb
 from hybrid_sd.v1 import hybrid_sd_pb2_grpc as pb_grpc
 from hybrid_sd.wire import request_to_pb, result_from_pb, tensor_from_pb, tensor_to_pb
-from tests.conftest import OTHER_GUIDANCE_SCALE
+from tests.conftest import OTHER_GUIDANCE_SCALE, OTHER_TIMESTEP_POWER
 from tests.serving import BATCHED_LATENT_TOLERANCE, channel, free_port
 
 STEPS = 6
@@ -163,6 +163,15 @@ def test_no_cross_talk_between_concurrent_requests(cluster, engine):
         (dict(width=60), "width must be a multiple of 8"),
         (dict(scheduler="nope"), "scheduler 'nope' is unknown"),
         (dict(guidance_scale=math.nan), "guidance_scale must be a finite number"),
+        (dict(timestep_power=0.5), "timestep_power must be in [1.0, 4.0], got 0.5"),
+        (
+            dict(scheduler="ddim", timestep_power=1.5),
+            "timestep_power needs a scheduler that takes custom timesteps; DDIMScheduler does not",
+        ),
+        (
+            dict(num_inference_steps=1000, switch_step=3, timestep_power=1.0),
+            "timestep_power 1.0 over 1000 steps needs more distinct timesteps than EulerDiscreteScheduler's 1000",
+        ),
         (dict(seed=2**63), "seed must be in"),
         (dict(pair="sdxl-vega"), "pair 'sdxl-vega' is not served here"),
         (
@@ -186,20 +195,25 @@ def test_bad_fields_are_invalid_argument(cluster, entry, fields, message):
 
 
 def test_defaults_resolve_alike_on_every_path(loop, cluster, engine, other_defaults_spec):
-    """A request naming no size, scheduler or guidance gets the edge model's (32 px, Euler; the cloud's are 64 px,
-    PLMS) and its pair's guidance scale (3) in-process, through the gateway, edge-initiated, and when the edge
-    falls back alone."""
+    """A request naming no size, scheduler, guidance or spacing gets the edge model's (32 px, Euler; the cloud's are
+    64 px, PLMS) and its pair's guidance scale (3) and timestep power (1.5) in-process, through the gateway,
+    edge-initiated, and when the edge falls back alone."""
     fields = dict(prompt="a circle", num_inference_steps=STEPS, switch_step=3, seed=21)
     expected = engine(GenerationRequest(**fields))
     assert (expected.request.width, expected.request.scheduler) == (32, "EulerDiscreteScheduler")
     assert expected.request.guidance_scale == OTHER_GUIDANCE_SCALE
-    named = engine(GenerationRequest(**fields, guidance_scale=OTHER_GUIDANCE_SCALE)).latents
+    assert expected.request.timestep_power == OTHER_TIMESTEP_POWER
+    named_fields = dict(fields, guidance_scale=OTHER_GUIDANCE_SCALE, timestep_power=OTHER_TIMESTEP_POWER)
+    named = engine(GenerationRequest(**named_fields)).latents
     assert torch.equal(named, expected.latents)
-    assert not torch.equal(engine(GenerationRequest(**fields, guidance_scale=7.5)).latents, named)
+    assert not torch.equal(engine(GenerationRequest(**{**named_fields, "guidance_scale": 7.5})).latents, named)
+    assert not torch.equal(engine(GenerationRequest(**{**named_fields, "timestep_power": 1.0})).latents, named)
+    # A scheduler that takes no custom timesteps runs its own spacing: the pair's power is a default, not a demand.
+    assert engine(GenerationRequest(**fields, scheduler="ddim")).request.timestep_power is None
     for entry in ("gateway", "edge"):
         response = generate(cluster[entry], **fields)
         assert (response.width, response.height, response.scheduler) == (32, 32, "EulerDiscreteScheduler")
-        assert response.guidance_scale == OTHER_GUIDANCE_SCALE
+        assert response.guidance_scale == OTHER_GUIDANCE_SCALE and response.timestep_power == OTHER_TIMESTEP_POWER
         assert torch.equal(tensor_from_pb(response.latents, "latents"), expected.latents)
     unreachable = EdgeConfig(other_defaults_spec, port=0, cloud=f"127.0.0.1:{free_port()}")
     edge, leave = loop.enter(running_edge(unreachable))

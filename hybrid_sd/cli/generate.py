@@ -40,6 +40,12 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
     )
     generate.add_argument("--guidance-rescale", type=float, default=0.0)
+    generate.add_argument(
+        "--timestep-power",
+        type=float,
+        metavar="P",
+        help="sample at timesteps 999 (1 - i/N)^P (P > 1: fewer steps at high noise; default: the pair's spacing)",
+    )
     generate.add_argument("--width", type=int, help="default: the edge model's native size")
     generate.add_argument("--height", type=int, help="default: the edge model's native size")
     generate.add_argument(
@@ -85,6 +91,7 @@ def run_generate(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale,
+        timestep_power=args.timestep_power,
         seed=args.seed,
         width=args.width,
         height=args.height,
