@@ -30,6 +30,7 @@ from hybrid_sd.lowbit.storage import QUANTIZATION_FILE, load_quantized_unet
 from hybrid_sd.model_refs import check_models, loading, resolve
 from hybrid_sd.presets import EMBEDDED_PRESETS, PAIR_NAMES, PRESETS, TINY_PRESETS, PairSpec
 from hybrid_sd.pruned.storage import PRUNING_FILE, load_pruned_unet
+from hybrid_sd.request import GenerationRequest
 from hybrid_sd.shapes_pair.pair_models import GUIDANCE_SCALE
 from hybrid_sd.tiny_models import save_tiny_pair
 
@@ -77,7 +78,8 @@ def preset(name: str) -> PairSpec:
 def embedded_spec(root: Path) -> PairSpec:
     """The spec of a trained pair folder: ``cloud/`` with an edge on the cloud's text encoder, either an edge
     bundle in ``edge/`` (as the shipped pair: ``hybrid-sd compress`` made it) or ``edge-unet/`` and
-    ``edge-vae/`` (as ``hybrid-sd train-shapes`` writes it)."""
+    ``edge-vae/`` (as ``hybrid-sd train-shapes`` writes it), and an optional ``serving.json`` of the pair's
+    serving defaults (``{"timestep_power": p}``)."""
     vae_config = root / "cloud" / "vae" / "config.json"
     if not vae_config.is_file():
         raise ValueError(f"no trained pair at {root} (missing {vae_config}); see hybrid-sd train-shapes")
@@ -94,7 +96,26 @@ def embedded_spec(root: Path) -> PairSpec:
         edge_shares_text_encoder=True,
         description=f"trained pair at {root}",
         guidance_scale=GUIDANCE_SCALE,
+        timestep_power=serving_defaults(root / SERVING_FILE).get("timestep_power"),
     )
+
+
+SERVING_FILE = "serving.json"
+
+
+def serving_defaults(path: Path) -> dict:
+    """A trained pair's serving defaults (``serving.json``; none where it is missing), checked as a request's
+    fields are; ``ValueError`` naming the file and the field."""
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text())
+        if not isinstance(defaults, dict) or set(defaults) - {"timestep_power"}:
+            raise ValueError(f"must be a JSON object that may set timestep_power, got {defaults!r}")
+        GenerationRequest("", **defaults).check()
+    except ValueError as error:  # JSONDecodeError too
+        raise ValueError(f"{path}: {error}") from None
+    return defaults
 
 
 def load_pair(spec: PairSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelPair:

@@ -11,7 +11,7 @@
 # hybrid_sd/shapes/pair to ship it. Finished steps are kept. TRAIN_ARGS adds train-shapes options (e.g.
 # "--device cuda"); DISTILL_STEPS, TINY_VAE_STEPS, PROMPTS and EVAL_PROMPTS shorten the chain for a quick trial.
 # LATE_DISTILL_STEPS > 0 adds a distillation on the steps after the default switch alone (compress distill
-# --from-step) before quantizing.
+# --from-step) before quantizing; TIMESTEP_POWER writes the pair's serving.json, its default timestep_power.
 set -euo pipefail
 out=${1:?usage: bash scripts/make_shapes_pair.sh OUT}
 venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
@@ -63,4 +63,7 @@ rm -rf "$out/pair"
 mkdir -p "$out/pair"
 cp -r "$out/trained/cloud" "$out/trained/training.json" "$out/pair/"
 cp -r "$out/edge" "$out/pair/edge"
+if [ -n "${TIMESTEP_POWER:-}" ]; then
+  echo "{\"timestep_power\": $TIMESTEP_POWER}" >"$out/pair/serving.json"
+fi
 "$hybrid_sd" evaluate-shapes --pair "$out/pair" --sweep-out "$out/pair-eval" --eval-prompts "$eval_prompts"

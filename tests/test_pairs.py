@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from hybrid_sd.pairs import load_pair, preset
+from hybrid_sd.pairs import embedded_spec, load_pair, preset
 from hybrid_sd.pipeline import HybridPipeline
-from hybrid_sd.presets import PRESETS, PairSpec
+from hybrid_sd.presets import EMBEDDED_PRESETS, PRESETS, PairSpec
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.schedulers import power_timesteps
 from hybrid_sd.tiny_models import build_tiny_pipeline
 
 
@@ -82,3 +84,21 @@ def test_bfloat16_pair_runs(pair_specs):
     result = HybridPipeline(pair)(GenerationRequest("a square", switch_step=1, num_inference_steps=2, seed=0))
     assert result.latents.dtype == torch.bfloat16
     assert torch.isfinite(result.latents.float()).all()
+
+
+def test_a_trained_pairs_serving_json_sets_its_timestep_spacing(tmp_path):
+    """``serving.json`` in a trained pair's folder is the pair's default timestep_power, as its requests resolve."""
+    folder = tmp_path / "pair"
+    shutil.copytree(EMBEDDED_PRESETS["shapes"], folder)
+    assert embedded_spec(folder).timestep_power is None
+    (folder / "serving.json").write_text('{"timestep_power": 1.5}')
+    spec = embedded_spec(folder)
+    assert spec.timestep_power == 1.5
+    pipeline = HybridPipeline.from_pair(spec)
+    resolved = pipeline.check_inputs(GenerationRequest("a red circle", num_inference_steps=20))
+    assert resolved.timestep_power == 1.5
+    assert pipeline.cloud.begin(resolved).timesteps.tolist() == power_timesteps(20, 1.5)
+    for text, field in [('{"timestep_power": 9}', "timestep_power must be in"), ('{"guidance": 1}', "may set")]:
+        (folder / "serving.json").write_text(text)
+        with pytest.raises(ValueError, match=f"serving.json: .*{field}"):
+            embedded_spec(folder)

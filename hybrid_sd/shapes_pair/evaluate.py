@@ -22,6 +22,7 @@ from hybrid_sd.flop_count import flop_counter
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
+from hybrid_sd.schedulers import power_timesteps
 from hybrid_sd.shapes.adherence import score_batch
 from hybrid_sd.shapes.dataset import Scene, ShapesDataset, caption, render
 from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
@@ -132,8 +133,8 @@ def evaluate(
     switch_steps: tuple[int, ...] = (0, 4, 8, 12, 16, 20),
     seed: int = 0,
 ) -> dict:
-    """Sweep the pair at ``pair_dir`` into ``sweep_dir`` at its own guidance scale; return the evaluation and
-    write it to ``pair_dir/evaluation.json``."""
+    """Sweep the pair at ``pair_dir`` into ``sweep_dir`` at its own guidance scale and timestep spacing; return
+    the evaluation and write it to ``pair_dir/evaluation.json``."""
     spec = embedded_spec(pair_dir)
     guidance_scale = spec.guidance_scale
     pipeline = HybridPipeline.from_pair(spec)
@@ -149,6 +150,9 @@ def evaluate(
         out=sweep_dir,
     )
     summary = run_sweep(config, pipeline)
+    spacing = {}  # diffusers' pipeline at the pair's timesteps, as the engine samples
+    if spec.timestep_power is not None:
+        spacing = {"timesteps": power_timesteps(num_inference_steps, spec.timestep_power)}
     with open(config.out / "results.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     per_k = {}
@@ -169,10 +173,13 @@ def evaluate(
         "num_inference_steps": num_inference_steps,
         "scheduler": type(pipeline.cloud.pipe.scheduler).__name__,
         "guidance_scale": guidance_scale,
+        "timestep_power": spec.timestep_power,
         "switch_steps": per_k,
         # Where the decoder is the large model's own: how much of FD the edge's tiny decoder adds at k = N.
         "large_full_vae": heldout.score(
-            diffusers_large_alone(pipeline.cloud.pipe, heldout.captions, num_inference_steps, guidance_scale, seed)
+            diffusers_large_alone(
+                pipeline.cloud.pipe, heldout.captions, num_inference_steps, guidance_scale, seed, **spacing
+            )
         ),
         # The floor: a second real sample of the same size against the first.
         "frechet_distance_real_vs_real": frechet_distance(

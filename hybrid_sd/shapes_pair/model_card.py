@@ -147,9 +147,12 @@ def _compression_lines(bundle: dict) -> list[str]:
 
 def _quality_lines(evaluation: dict) -> list[str]:
     steps = evaluation["num_inference_steps"]
+    power = evaluation.get("timestep_power")  # absent from evaluations written before the setting existed
+    spacing = f" at timesteps 999 (1 - i/{steps})^{power} (the pair's `serving.json`)" if power is not None else ""
     lines = [
         f"{evaluation['prompts']} held-out captions (dataset seed {evaluation['heldout_seed']}), image seed"
-        f" {evaluation['seed']}, {steps} steps of {evaluation['scheduler']}, guidance {evaluation['guidance_scale']}."
+        f" {evaluation['seed']}, {steps} steps of {evaluation['scheduler']}{spacing}, guidance"
+        f" {evaluation['guidance_scale']}."
         " k is the number of steps on the large model; k = 0 is the edge model alone, k = "
         f"{steps} the large one alone. Adherence is the deterministic scorer of `hybrid_sd.shapes.adherence`;"
         " FD is the Fréchet distance to the real renders of the same scenes in the shipped feature net's space"
