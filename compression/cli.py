@@ -139,12 +139,13 @@ class _Context:
         return dequantize_model(denoiser.pipe.unet).float()
 
     def trajectories(self, unet, prompts: list[str]):
-        """The generations of ``unet`` in the cloud pipeline (text encoders, scheduler: a bundle's UNet runs on
-        the cloud's text encoders) on ``prompts``."""
+        """The generations of ``unet`` in the cloud pipeline (text encoders, scheduler and the pair's timestep
+        spacing: a bundle's UNet runs on the cloud's text encoders) on ``prompts``."""
         from compression.distill import collect_trajectories
 
         pipe = type(self.pair.cloud.pipe).from_pipe(self.pair.cloud.pipe, unet=unet)
-        return collect_trajectories(pipe, prompts, self.args.sampling_steps, self.guidance, self.args.seed)
+        args, power = self.args, self.pair.cloud.default_timestep_power
+        return collect_trajectories(pipe, prompts, args.sampling_steps, self.guidance, args.seed, timestep_power=power)
 
     @property
     def guidance(self) -> float:

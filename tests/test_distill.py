@@ -27,6 +27,7 @@ from compression.prune import Calibration, measure_significance, prune_channels,
 from hybrid_sd.denoiser import Denoiser
 from hybrid_sd.lowbit import dequantize_model
 from hybrid_sd.pairs import ModelPair, load_pair, load_pipeline, preset
+from hybrid_sd.schedulers import power_timesteps
 
 PROMPTS = ["a red circle", "a blue square on the left", "a green triangle", "two yellow circles"]
 HELD_OUT = ["a yellow square", "a red triangle on the right"]
@@ -80,6 +81,15 @@ def test_trajectories_record_every_unet_call(shapes, edge_data):
     assert torch.equal(samples[0, prompts:], noise * pipe.scheduler.init_noise_sigma)
     assert edge_data.final_latents.shape == (prompts, 4, 16, 16)
     assert not torch.equal(edge_data.final_latents, samples[-1, prompts:])
+
+
+def test_trajectories_at_a_timestep_power_sample_its_timesteps(shapes):
+    """A pair served at a timestep_power is distilled and calibrated on the timesteps it serves."""
+    data = collect_trajectories(shapes.edge.pipe, PROMPTS[:1], STEPS, GUIDANCE, seed=0, timestep_power=2.0)
+    assert data.inputs.timestep.view(STEPS, 2)[:, 0].tolist() == power_timesteps(STEPS, 2.0)
+    own = type(shapes.edge.pipe.scheduler).from_config(shapes.edge.pipe.scheduler.config)
+    own.set_timesteps(STEPS)
+    assert power_timesteps(STEPS, 2.0) != own.timesteps.tolist()
 
 
 def test_distillation_brings_a_pruned_student_to_its_teacher(shapes, edge_data, held_out):

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from compression.prune.calibration import Calibration
+from hybrid_sd.schedulers import power_timesteps
 
 
 @dataclass
@@ -59,9 +60,11 @@ def collect_trajectories(
     guidance_scale: float,
     seed: int,
     device: str | torch.device | None = None,
+    timestep_power: float | None = None,
 ) -> TeacherTrajectories:
-    """Run ``pipe`` (a Stable Diffusion or SDXL pipeline, with its own scheduler) on ``prompts`` in one
-    batch, seeded, moved to ``device`` if given, and record what its UNet is called with."""
+    """Run ``pipe`` (a Stable Diffusion or SDXL pipeline, with its own scheduler, at the timesteps of
+    ``timestep_power`` where given, as the engine samples) on ``prompts`` in one batch, seeded, moved to
+    ``device`` if given, and record what its UNet is called with."""
     if not prompts:
         raise ValueError("prompts must not be empty")
     if pipe.unet.config.time_cond_proj_dim is not None:
@@ -74,10 +77,14 @@ def collect_trajectories(
     def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append(signature.bind(*args, **kwargs))
 
+    spacing = {}
+    if timestep_power is not None:
+        spacing = {"timesteps": power_timesteps(steps, timestep_power, pipe.scheduler.config.num_train_timesteps)}
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         final = pipe(
             prompts,
+            **spacing,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=torch.Generator("cpu").manual_seed(seed),
