@@ -26,7 +26,10 @@ from hybrid_sd.results import STAGES, CallOptions, GenerationResult, OutputSpec
 from hybrid_sd.shapes.adherence import GRAMMAR, in_grammar, score
 
 TIMING_COLUMNS = tuple(f"t_{stage}_s" for stage in STAGES)
-KEY_COLUMNS = ("prompt_index", "prompt", "seed", "switch_step", "num_inference_steps", "scheduler", "guidance_scale")
+KEY_COLUMNS = (
+    *("prompt_index", "prompt", "seed", "switch_step", "num_inference_steps"),
+    *("scheduler", "guidance_scale", "timestep_power"),
+)
 METRIC_COLUMNS = ("adherence", "psnr", "ssim", "cloud_unet_evaluations", "edge_unet_evaluations", "handoff_bytes")
 COLUMNS = (*KEY_COLUMNS, *METRIC_COLUMNS, *TIMING_COLUMNS, "image")
 PSNR_MAX = 100.0  # dB for identical images, so that means and intervals stay finite
@@ -58,9 +61,13 @@ class SweepConfig:
     scheduler: str | None
     guidance_scale: float | None  # None: the pair's own
     out: Path
+    timestep_power: float | None = None  # None: the pair's own
 
     def __post_init__(self) -> None:
-        GenerationRequest("", num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale).check()
+        GenerationRequest(
+            "", num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            timestep_power=self.timestep_power,
+        ).check()  # fmt: skip
         for name in ("switch_steps", "prompts", "seeds"):
             values = getattr(self, name)
             if not values:
@@ -99,6 +106,7 @@ class SweepConfig:
             seed=seed,
             scheduler=self.scheduler,
             guidance_scale=self.guidance_scale,
+            timestep_power=self.timestep_power,
         )
 
 
@@ -177,11 +185,12 @@ def _check_same_sweep(config: SweepConfig, row: Row, path: Path) -> None:
     same = (
         int(row["num_inference_steps"]) == config.num_inference_steps
         and row["scheduler"] == (config.scheduler or "")
-        and row["guidance_scale"] == _guidance_cell(config.guidance_scale)
+        and row["guidance_scale"] == _setting_cell(config.guidance_scale)
+        and row.get("timestep_power", "") == _setting_cell(config.timestep_power)  # absent in older files
         and (index >= len(config.prompts) or row["prompt"] == config.prompts[index])
     )
     if not same:
-        raise ValueError(f"{path} holds rows of a different sweep (steps, scheduler, guidance or prompts)")
+        raise ValueError(f"{path} holds rows of a different sweep (steps, scheduler, guidance, spacing or prompts)")
 
 
 def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
@@ -207,7 +216,8 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
         switch_step=k,
         num_inference_steps=config.num_inference_steps,
         scheduler=config.scheduler or "",
-        guidance_scale=_guidance_cell(config.guidance_scale),
+        guidance_scale=_setting_cell(config.guidance_scale),
+        timestep_power=_setting_cell(config.timestep_power),
         adherence=adherence(image, config.prompts[index]),
         psnr=psnr_db,
         ssim=similarity,
@@ -221,9 +231,9 @@ def _run_one(config: SweepConfig, runner: Runner, key: Key) -> Row:
     return {column: "" if value is None else str(value) for column, value in row.items()}
 
 
-def _guidance_cell(guidance_scale: float | None) -> str:
-    """A guidance scale as results.csv holds it: empty for the pair's own."""
-    return "" if guidance_scale is None else str(float(guidance_scale))
+def _setting_cell(value: float | None) -> str:
+    """A guidance scale or timestep power as results.csv holds it: empty for the pair's own."""
+    return "" if value is None else str(float(value))
 
 
 def adherence(image: Image.Image, prompt: str) -> float | None:
@@ -275,6 +285,7 @@ def summarize(config: SweepConfig, rows: list[Row]) -> dict:
         "num_inference_steps": config.num_inference_steps,
         "scheduler": config.scheduler,
         "guidance_scale": config.guidance_scale,
+        "timestep_power": config.timestep_power,
         "prompts": config.prompts,
         "seeds": config.seeds,
         "unscored_prompts": [prompt for prompt in config.prompts if not in_grammar(prompt)],
@@ -365,7 +376,8 @@ def write_report(config: SweepConfig, summary: dict, path: Path) -> None:
         "# Switch-step sweep",
         "",
         f"{config.num_inference_steps} steps, scheduler {config.scheduler or '(cloud default)'}, "
-        f"guidance {_guidance_cell(config.guidance_scale) or 'of the pair'}, "
+        f"guidance {_setting_cell(config.guidance_scale) or 'of the pair'}, "
+        f"timestep power {_setting_cell(config.timestep_power) or 'of the pair'}, "
         f"seeds {', '.join(map(str, config.seeds))}. "
         f"k = cloud steps before the handoff; k = {config.num_inference_steps} is the large model alone, "
         "the reference of PSNR and SSIM. Cells: mean ± half-width of the 95% t-interval.",

@@ -160,6 +160,7 @@ def test_prompts_outside_the_grammar_are_named_not_averaged(tmp_path, runner, ca
         ({"seeds": []}, "seeds"),
         ({"seeds": [-1]}, "seeds"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"timestep_power": 0.5}, "timestep_power"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, changes, field):
@@ -179,7 +180,7 @@ def test_cli_sweep_in_process(tmp_path, capsys, pair_specs):
     out = tmp_path / "sweep"
     args = sweep_args(
         "--switch-steps", "0,2", "--prompts", str(prompts), "--seeds", "3", "--steps", "2", "--scheduler", "euler",
-        "--out", str(out),
+        "--timestep-power", "2", "--out", str(out),
     )  # fmt: skip
     args.handler(args)
     printed = capsys.readouterr().out
@@ -190,13 +191,18 @@ def test_cli_sweep_in_process(tmp_path, capsys, pair_specs):
         ("a small green triangle", "3", "2"),
     ]
     for row in rows:
-        assert (row["num_inference_steps"], row["scheduler"]) == ("2", "euler")
+        assert (row["num_inference_steps"], row["scheduler"], row["timestep_power"]) == ("2", "euler", "2.0")
         k = int(row["switch_step"])
         assert (int(row["cloud_unet_evaluations"]), int(row["edge_unet_evaluations"])) == (k, 2 - k)
         assert 0.0 <= float(row["adherence"]) <= 1.0
         assert PIL.Image.open(out / row["image"]).size == (64, 64)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompts"] == ["a small green triangle"] and summary["seeds"] == [3]
+    assert summary["timestep_power"] == 2.0
+    # The same folder at another spacing would mix two sweeps' rows: refused, naming what differs.
+    args.timestep_power = None
+    with pytest.raises(ValueError, match="spacing"):
+        args.handler(args)
     assert {k: entry["n"] for k, entry in summary["switch_steps"].items()} == {"0": 1, "2": 1}
     report = (out / "report.md").read_text()
     assert (

@@ -29,6 +29,12 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
         type=float,
         help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
     )
+    sweep.add_argument(
+        "--timestep-power",
+        type=float,
+        metavar="P",
+        help="sample at timesteps 999 (1 - i/N)^P (default: the pair's spacing)",
+    )
     sweep.add_argument("--out", type=Path, required=True, help="folder for results, plots and report (resumable)")
     add_model_arguments(sweep)
     remote = sweep.add_argument_group("remote (with --target: gRPC calls to a gateway or an edge worker)")
@@ -63,6 +69,7 @@ def run_sweep_command(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         guidance_scale=args.guidance,
         out=args.out,
+        timestep_power=args.timestep_power,
     )
     if args.target:
         runner = remote_runner(args.target, args.token, args.tls_ca, args.timeout, args.pair)
