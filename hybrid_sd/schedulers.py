@@ -64,6 +64,15 @@ def power_timesteps(num_inference_steps: int, power: float, num_train_timesteps:
     return timesteps
 
 
+def pipeline_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, timestep_power: float | None) -> dict:
+    """The ``timesteps=`` argument of a diffusers pipeline call on ``scheduler``'s schedule that samples as
+    :func:`set_timesteps` does; empty for the scheduler's own spacing."""
+    if timestep_power is None:
+        return {}
+    train_steps = scheduler.config.num_train_timesteps
+    return {"timesteps": power_timesteps(num_inference_steps, timestep_power, train_steps)}
+
+
 def takes_custom_timesteps(scheduler_class: type[SchedulerMixin]) -> bool:
     """Whether ``set_timesteps`` takes ``timesteps=`` (DDPM, DPM-Solver++, Euler, LCM; not DDIM, PLMS, UniPC)."""
     return "timesteps" in inspect.signature(scheduler_class.set_timesteps).parameters

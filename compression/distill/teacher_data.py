@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from compression.prune.calibration import Calibration
-from hybrid_sd.schedulers import power_timesteps
+from hybrid_sd.schedulers import pipeline_timesteps
 
 
 @dataclass
@@ -77,9 +77,7 @@ def collect_trajectories(
     def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append(signature.bind(*args, **kwargs))
 
-    spacing = {}
-    if timestep_power is not None:
-        spacing = {"timesteps": power_timesteps(steps, timestep_power, pipe.scheduler.config.num_train_timesteps)}
+    spacing = pipeline_timesteps(pipe.scheduler, steps, timestep_power)
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         final = pipe(

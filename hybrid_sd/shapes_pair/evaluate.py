@@ -22,7 +22,7 @@ from hybrid_sd.flop_count import flop_counter
 from hybrid_sd.pairs import embedded_spec
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import GenerationRequest
-from hybrid_sd.schedulers import power_timesteps
+from hybrid_sd.schedulers import pipeline_timesteps
 from hybrid_sd.shapes.adherence import score_batch
 from hybrid_sd.shapes.dataset import Scene, ShapesDataset, caption, render
 from hybrid_sd.shapes.features import features, frechet_distance, load_feature_net
@@ -150,9 +150,8 @@ def evaluate(
         out=sweep_dir,
     )
     summary = run_sweep(config, pipeline)
-    spacing = {}  # diffusers' pipeline at the pair's timesteps, as the engine samples
-    if spec.timestep_power is not None:
-        spacing = {"timesteps": power_timesteps(num_inference_steps, spec.timestep_power)}
+    # diffusers' pipeline at the pair's timesteps, as the engine samples
+    spacing = pipeline_timesteps(pipeline.cloud.pipe.scheduler, num_inference_steps, spec.timestep_power)
     with open(config.out / "results.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     per_k = {}
