@@ -1,6 +1,7 @@
 """Adherence and FD of the shipped shapes pair's large model alone against the guidance scale: diffusers' own
-``StableDiffusionPipeline`` with the full VAE, on the held-out captions, one row per (guidance, seed). It is
-the measurement behind the pair's guidance scale (``hybrid_sd.shapes_pair.pair_models.GUIDANCE_SCALE``).
+``StableDiffusionPipeline`` with the full VAE at the pair's timestep spacing, on the held-out captions, one row
+per (guidance, seed). It is the measurement behind the pair's guidance scale
+(``hybrid_sd.shapes_pair.pair_models.GUIDANCE_SCALE``).
 
     .venv/bin/python benchmarks/shapes_guidance.py --guidance 2,3,5,7.5,10 --seeds 0,1,2
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hybrid_sd.pairs import load_pipeline
+from hybrid_sd.pairs import embedded_spec, load_pipeline
 from hybrid_sd.presets import EMBEDDED_PRESETS
+from hybrid_sd.schedulers import pipeline_timesteps
 from hybrid_sd.shapes_pair.evaluate import HeldoutSet, diffusers_large_alone
 
 STEPS = 20
@@ -35,9 +37,10 @@ def main() -> None:
     seeds = [int(value) for value in args.seeds.split(",")]
     heldout = HeldoutSet(args.prompts)
     cloud = load_pipeline(str(args.pair / "cloud"), torch.float32)
+    spacing = pipeline_timesteps(cloud.scheduler, STEPS, embedded_spec(args.pair).timestep_power)  # the pair's
     rows = []
     for scale, seed in tqdm([(scale, seed) for scale in scales for seed in seeds], desc="guidance x seed"):
-        scores = heldout.score(diffusers_large_alone(cloud, heldout.captions, STEPS, scale, seed))
+        scores = heldout.score(diffusers_large_alone(cloud, heldout.captions, STEPS, scale, seed, **spacing))
         rows.append({"guidance": scale, "seed": seed, **scores["adherence"], "fd": scores["frechet_distance"]})
     print(f"{args.pair}, large model alone (diffusers, full VAE), {args.prompts} held-out captions, {STEPS} steps")
     print("guidance | " + " | ".join(COLUMNS) + " | FD   (means over seeds " + args.seeds + ")")

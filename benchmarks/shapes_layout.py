@@ -24,6 +24,7 @@ from tqdm import tqdm
 from hybrid_sd.pairs import embedded_spec, load_pipeline
 from hybrid_sd.pipeline import HybridPipeline
 from hybrid_sd.request import DEFAULT_SWITCH_FRACTION, GenerationRequest
+from hybrid_sd.schedulers import pipeline_timesteps
 from hybrid_sd.shapes.adherence import centroids_in_relation, detect, score
 from hybrid_sd.shapes.dataset import RELATIONS
 from hybrid_sd.shapes_pair.evaluate import ATTRIBUTES, diffusers_large_alone
@@ -62,11 +63,12 @@ def placement(image, first_color: str, second_color: str) -> tuple[bool, ...] | 
 def measure(pair: Path, seeds: int, guidance: float) -> dict:
     """Per relation, how often the layout holds it; and how often a seed gives one layout for all four."""
     cloud = load_pipeline(str(pair / "cloud"), torch.float32)
+    spacing = pipeline_timesteps(cloud.scheduler, STEPS, embedded_spec(pair).timestep_power)  # the pair's
     cases = [(scene, relation) for scene in SCENES for relation in RELATIONS]
     captions = [f"a {' '.join(first)} {relation} a {' '.join(second)}" for (first, second), relation in cases]
     placements: dict[tuple[int, int], tuple[bool, ...] | None] = {}
     for seed in tqdm(range(seeds), desc=f"{pair} seeds"):
-        images = diffusers_large_alone(cloud, captions, STEPS, guidance, seed)
+        images = diffusers_large_alone(cloud, captions, STEPS, guidance, seed, **spacing)
         for case, (((first, second), _), image) in enumerate(zip(cases, images, strict=True)):
             placements[case, seed] = placement(image, first[1], second[1])
     per_relation = {}
@@ -133,8 +135,9 @@ def readme_prompt(pair: Path, cloud, guidance: float) -> dict:
         images = [hybrid(dataclasses.replace(request, seed=seed)).image for seed in range(README_SEEDS)]
     else:
         through = "large alone"
+        spacing = pipeline_timesteps(cloud.scheduler, request.num_inference_steps, spec.timestep_power)
         images = [
-            diffusers_large_alone(cloud, [README_PROMPT], request.num_inference_steps, guidance, seed)[0]
+            diffusers_large_alone(cloud, [README_PROMPT], request.num_inference_steps, guidance, seed, **spacing)[0]
             for seed in range(README_SEEDS)
         ]
     scores = [score(image, README_PROMPT) for image in images]

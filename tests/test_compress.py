@@ -196,7 +196,8 @@ def test_a_pair_folder_with_an_edge_bundle_is_served_measured_and_described(bund
     costs it from the bundle's card, and the model card lists how it was made."""
     folder = tmp_path / "pair"
     shutil.copytree(EMBEDDED_PRESETS["shapes"] / "cloud", folder / "cloud")
-    shutil.copy(EMBEDDED_PRESETS["shapes"] / "training.json", folder)
+    for name in ("training.json", "serving.json"):
+        shutil.copy(EMBEDDED_PRESETS["shapes"] / name, folder)
     shutil.copytree(bundles["tiny"], folder / "edge")
     out, latents = tmp_path / "image.png", tmp_path / "latents.safetensors"
     command = ["generate", "--prompt", "a large red circle", "--steps", "4", "--seed", "1", "--pair", str(folder)]

@@ -252,7 +252,7 @@ def test_tiny_vae_learns_the_vae_through_the_engines_decode(shapes, encoder):
             ).square().mean().item()
 
     decoder_before, encoder_before = errors()
-    config = TinyVaeConfig(steps=60, batch_size=4, lr=3e-3, warmup_steps=3, encoder=encoder)
+    config = TinyVaeConfig(steps=120, batch_size=4, lr=3e-3, warmup_steps=3, encoder=encoder)
     trained, stats = distill_tiny_vae(cloud.pipe.vae, latents, config, tiny=tiny)
     decoder_after, encoder_after = errors()
 

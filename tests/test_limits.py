@@ -51,11 +51,13 @@ def test_a_denoiser_with_limits_counts_tokens_and_checks_the_size_it_fills_in(pa
 @pytest.mark.parametrize(
     ("family", "scheduler", "steps", "message"),
     [
-        # Stable Diffusion's own noise schedule (the shapes pair's) repeats a timestep at 1000 steps.
-        ("shapes", "dpm++2m", 1000, "num_inference_steps 1000 repeats timestep 500 in DPMSolverMultistepScheduler"),
-        ("shapes", "unipc", 1000, "repeats timestep 500 in UniPCMultistepScheduler"),
-        ("shapes", "deis", 1000, "repeats timestep 500 in DEISMultistepScheduler"),
-        ("shapes", "dpm++2m", 999, None),
+        # The tiny pair's leading spacing with steps_offset 1 repeats a timestep at 1000 steps.
+        ("sd1", "dpm++2m", 1000, "num_inference_steps 1000 repeats timestep 1 in DPMSolverMultistepScheduler"),
+        ("sd1", "unipc", 1000, "repeats timestep 1 in UniPCMultistepScheduler"),
+        ("sd1", "deis", 1000, "repeats timestep 1 in DEISMultistepScheduler"),
+        # The shapes pair's trailing spacing and its timestep_power (kept strictly decreasing) run all 1000.
+        ("shapes", "dpm++2m", 1000, None),
+        ("shapes", "unipc", 1000, None),
         ("shapes", "euler", 1000, None),
         ("shapes", "pndm", 1000, None),  # PLMS repeats a timestep on purpose
         ("sd1", "pndm", 1000, "num_inference_steps 1000 is too many for PNDMScheduler"),

@@ -90,14 +90,16 @@ def test_a_trained_pairs_serving_json_sets_its_timestep_spacing(tmp_path):
     """``serving.json`` in a trained pair's folder is the pair's default timestep_power, as its requests resolve."""
     folder = tmp_path / "pair"
     shutil.copytree(EMBEDDED_PRESETS["shapes"], folder)
+    assert embedded_spec(folder).timestep_power == 1.5  # the shipped pair's
+    (folder / "serving.json").unlink()
     assert embedded_spec(folder).timestep_power is None
-    (folder / "serving.json").write_text('{"timestep_power": 1.5}')
+    (folder / "serving.json").write_text('{"timestep_power": 2}')
     spec = embedded_spec(folder)
-    assert spec.timestep_power == 1.5
+    assert spec.timestep_power == 2
     pipeline = HybridPipeline.from_pair(spec)
     resolved = pipeline.check_inputs(GenerationRequest("a red circle", num_inference_steps=20))
-    assert resolved.timestep_power == 1.5
-    assert pipeline.cloud.begin(resolved).timesteps.tolist() == power_timesteps(20, 1.5)
+    assert resolved.timestep_power == 2
+    assert pipeline.cloud.begin(resolved).timesteps.tolist() == power_timesteps(20, 2)
     for text, field in [('{"timestep_power": 9}', "timestep_power must be in"), ('{"guidance": 1}', "may set")]:
         (folder / "serving.json").write_text(text)
         with pytest.raises(ValueError, match=f"serving.json: .*{field}"):
