@@ -17,9 +17,9 @@ TEXT_WIDTH = 128
 LATENT_CHANNELS = 4
 LATENT_SIZE = 16  # 64x64 images, a 4x down-sampling VAE
 IMAGE_SIZE = 64
-# The guidance a request that names none gets. Stable Diffusion's 7.5 over-saturates these colours: on the 64
-# held-out captions the shipped large model alone binds colour 0.72 at 7.5 and 0.94 at 5
-# (benchmarks/shapes_guidance.py).
+# The guidance a request that names none gets. Stable Diffusion's 7.5 over-saturated the first shipped pair's
+# colours (colour 0.72 at 7.5, 0.94 at 5, 64 held-out captions); the shipped large model alone scores about
+# the same from 2 to 10 and its lowest FD at 5 (benchmarks/shapes_guidance.py).
 GUIDANCE_SCALE = 5.0
 
 
