@@ -158,6 +158,7 @@ BENCH = ["bench", "load", "--target", "127.0.0.1:1", "--rate", "1", "--policy", 
         (["--max-requests", "0"], "--max-requests must be a positive number"),
         (["--prompts", "shapes:0"], "--prompts: shapes:N needs a positive N"),
         (["--steps", "0"], "num_inference_steps must be in [1, 1000]"),
+        (["--timestep-power", "9"], "timestep_power must be in [1"),
     ],
 )
 def test_bad_flags_are_named(tmp_path, capsys, change, message):
@@ -203,6 +204,7 @@ def test_load_on_a_live_gateway_writes_consistent_files(gateway, tmp_path, capsy
     rows = read_rows(out)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["policy"], summary["latency_target_s"], summary["interrupted"]) == ("fixed:2", 30.0, False)
+    assert summary["steps"] == 4 and summary["timestep_power"] is None  # the pair's spacing
     for rate, entry in zip((1.0, 2.0), summary["rates"], strict=True):
         at_rate = [row for row in rows if float(row["rate"]) == rate]
         assert len(at_rate) == entry["sent"] == len(arrival_times(rate, 2.0, None, seed=5)) > 0

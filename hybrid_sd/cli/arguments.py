@@ -41,6 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--dtype", choices=DTYPES, default="float32")
 
 
+def add_timestep_power_argument(parser: argparse.ArgumentParser) -> None:
+    """``--timestep-power``, the request's ``timestep_power``, as every command that makes requests takes it."""
+    parser.add_argument(
+        "--timestep-power",
+        type=float,
+        metavar="P",
+        help="sample at timesteps 999 (1 - i/N)^P (P > 1: fewer steps at high noise; default: the pair's spacing)",
+    )
+
+
 def pair_name(value: str) -> str:
     """A preset's name or a folder that holds a trained pair."""
     if value in PAIR_NAMES or Path(value).is_dir():

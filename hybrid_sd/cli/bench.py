@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybrid_sd.cli.arguments import add_remote_arguments, read_prompts
+from hybrid_sd.cli.arguments import add_remote_arguments, add_timestep_power_argument, read_prompts
 
 if TYPE_CHECKING:
     from hybrid_sd.load_bench import LoadPlan, Outcome
@@ -60,6 +60,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
         type=float,
         help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
     )
+    add_timestep_power_argument(load)
     load.add_argument("--out", type=Path, required=True, help="folder for results.csv, summary.json and plots")
     add_remote_arguments(load.add_argument_group("server (gRPC calls to a gateway or an edge worker)"), required=True)
     load.set_defaults(handler=run_load_bench)
@@ -104,6 +105,7 @@ def run_load_bench(args: argparse.Namespace) -> None:
         prompt="",
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        timestep_power=args.timestep_power,
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
@@ -139,6 +141,7 @@ def run_and_report(plan: LoadPlan, args: argparse.Namespace) -> dict:
             "max_requests": args.max_requests,
             "grace_s": args.grace,
             "steps": args.steps,
+            "timestep_power": args.timestep_power,
             "seed": args.seed,
             "prompts": len(plan.prompts),
             "interrupted": not finished,

@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybrid_sd.cli.arguments import add_model_arguments, add_remote_arguments, local_pair_spec
+from hybrid_sd.cli.arguments import (
+    add_model_arguments,
+    add_remote_arguments,
+    add_timestep_power_argument,
+    local_pair_spec,
+)
 from hybrid_sd.request import GenerationRequest
 from hybrid_sd.scheduler_names import SCHEDULER_ALIASES
 
@@ -40,12 +45,7 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
     )
     generate.add_argument("--guidance-rescale", type=float, default=0.0)
-    generate.add_argument(
-        "--timestep-power",
-        type=float,
-        metavar="P",
-        help="sample at timesteps 999 (1 - i/N)^P (P > 1: fewer steps at high noise; default: the pair's spacing)",
-    )
+    add_timestep_power_argument(generate)
     generate.add_argument("--width", type=int, help="default: the edge model's native size")
     generate.add_argument("--height", type=int, help="default: the edge model's native size")
     generate.add_argument(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hybrid_sd.cli.arguments import add_model_arguments, add_remote_arguments, local_pair_spec, read_prompts
+from hybrid_sd.cli.arguments import (
+    add_model_arguments,
+    add_remote_arguments,
+    add_timestep_power_argument,
+    local_pair_spec,
+    read_prompts,
+)
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
@@ -29,12 +35,7 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
         type=float,
         help="classifier-free guidance scale (default: the pair's own; 7.5 for Stable Diffusion)",
     )
-    sweep.add_argument(
-        "--timestep-power",
-        type=float,
-        metavar="P",
-        help="sample at timesteps 999 (1 - i/N)^P (default: the pair's spacing)",
-    )
+    add_timestep_power_argument(sweep)
     sweep.add_argument("--out", type=Path, required=True, help="folder for results, plots and report (resumable)")
     add_model_arguments(sweep)
     remote = sweep.add_argument_group("remote (with --target: gRPC calls to a gateway or an edge worker)")
