@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hybrid_sd.pairs import embedded_spec, load_pipeline
 from hybrid_sd.pipeline import HybridPipeline
+from hybrid_sd.presets import PairSpec
 from hybrid_sd.request import DEFAULT_SWITCH_FRACTION, GenerationRequest
 from hybrid_sd.schedulers import pipeline_timesteps
 from hybrid_sd.shapes.adherence import centroids_in_relation, detect, score
@@ -63,7 +64,8 @@ def placement(image, first_color: str, second_color: str) -> tuple[bool, ...] | 
 def measure(pair: Path, seeds: int, guidance: float) -> dict:
     """Per relation, how often the layout holds it; and how often a seed gives one layout for all four."""
     cloud = load_pipeline(str(pair / "cloud"), torch.float32)
-    spacing = pipeline_timesteps(cloud.scheduler, STEPS, embedded_spec(pair).timestep_power)  # the pair's
+    spec = embedded_spec(pair)
+    spacing = pipeline_timesteps(cloud.scheduler, STEPS, spec.timestep_power)  # the pair's
     cases = [(scene, relation) for scene in SCENES for relation in RELATIONS]
     captions = [f"a {' '.join(first)} {relation} a {' '.join(second)}" for (first, second), relation in cases]
     placements: dict[tuple[int, int], tuple[bool, ...] | None] = {}
@@ -86,7 +88,7 @@ def measure(pair: Path, seeds: int, guidance: float) -> dict:
     return {
         "pair": str(pair),
         "caption_sensitivity": caption_sensitivity(cloud),
-        "readme_prompt": readme_prompt(pair, cloud, guidance),
+        "readme_prompt": readme_prompt(spec, cloud, guidance),
         "relation_holds": per_relation,
         "same_layout_for_every_relation": sum(one_layout) / len(one_layout) if one_layout else None,
         "both_found": sum(where is not None for where in placements.values()) / len(placements),
@@ -124,11 +126,10 @@ def caption_sensitivity(cloud, samples: int = 64) -> dict:
     return rows
 
 
-def readme_prompt(pair: Path, cloud, guidance: float) -> dict:
+def readme_prompt(spec: PairSpec, cloud, guidance: float) -> dict:
     """README_PROMPT at the default request, seeds 0 to README_SEEDS - 1, through the hybrid, or through the large
     model alone (diffusers' pipeline ``cloud``) for a pair folder without an edge: the seeds right in every
     attribute, and each attribute's mean."""
-    spec = embedded_spec(pair)
     request = GenerationRequest(README_PROMPT)
     if Path(spec.edge).exists():
         hybrid, through = HybridPipeline.from_pair(spec), "hybrid"
